@@ -1,0 +1,280 @@
+"""LoSATok as Flax modules whose parameter tree mirrors upstream's state-dict keys.
+
+    AudioVAE
+      semantic_encoder/encoder      MiDashengLM audio transformer (frozen upstream)
+      semantic_encoder/bottleneck   SemBo down/up MLPs
+      dasheng_tokenizer/encoder     acoustic patch conv + LayerNorm
+      dasheng_tokenizer/upsampler   ConvTranspose1d, one latent -> `upsample_tokens` decoder frames
+      dasheng_tokenizer/decoder     Vocos backbone + ISTFT head
+      fc_a, fc_mu, fc_logvar        VAE head
+
+Repeated layers (`blocks`, `convnext`) are `nn.scan`s over stacked parameters, so compile time does
+not grow with depth. Spectral front ends and the ISTFT are parameter-free (`spectral.py`).
+Shape letters: B batch, N samples, F frames, T tokens, E/C/D/I widths.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from losatok_jax import spectral
+from losatok_jax._layers import ConvNeXtBlock, TransformerBlock, gelu, layer_norm
+from losatok_jax.config import LosatokConfig, SemanticEncoderConfig
+
+
+class FrozenBatchNorm(nn.Module):
+    """Inference-mode BatchNorm over the last axis with its running statistics as parameters."""
+
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        width = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (width,))
+        bias = self.param("bias", nn.initializers.zeros, (width,))
+        mean = self.param("mean", nn.initializers.zeros, (width,))
+        var = self.param("var", nn.initializers.ones, (width,))
+        return (x - mean) / jnp.sqrt(var + self.epsilon) * scale + bias
+
+
+def patchify(spectrogram, frames_per_token: int):
+    """(B, F, bins) -> (B, F // frames_per_token, frames_per_token · bins), trailing frames dropped.
+
+    Patches are flattened frame-major, (frames, bins), so this is a plain reshape; upstream's
+    (bins x frames) patch conv becomes a Dense over these vectors.
+    """
+    batch, frames, bins = spectrogram.shape
+    tokens = frames // frames_per_token
+    return spectrogram[:, :tokens * frames_per_token].reshape(batch, tokens, frames_per_token * bins)
+
+
+class PatchEmbed(nn.Module):
+    width: int
+    frames_per_token: int
+
+    @nn.compact
+    def __call__(self, spectrogram):  # (B, F, bins) -> (B, T, width)
+        return nn.Dense(self.width, name="proj")(patchify(spectrogram, self.frames_per_token))
+
+
+class AudioTransformer(nn.Module):
+    """MiDashengLM's audio encoder: BatchNorm, patch embedding, chunked transformer, final norm.
+
+    Tokens are cut into chunks of `chunk_tokens`; each chunk restarts the time positions and
+    attends only within itself. All chunks run as one batch; `token_mask` (B, T) keeps padding
+    (a short last chunk, or a clip shorter than its batch) out of every real token's attention.
+    """
+
+    config: SemanticEncoderConfig
+
+    @nn.compact
+    def __call__(self, log_mel, token_mask=None):  # (B, F, n_mels), (B, T) -> (B, T, E)
+        c = self.config
+        x = FrozenBatchNorm(name="init_bn")(log_mel)
+        x = PatchEmbed(c.embed_dim, c.frames_per_token, name="patch_embed")(x)
+        batch, num_tokens, width = x.shape
+        if token_mask is None:
+            token_mask = jnp.ones((batch, num_tokens), bool)
+        chunk = min(c.chunk_tokens, num_tokens)
+        num_chunks = math.ceil(num_tokens / chunk)
+        pad = num_chunks * chunk - num_tokens
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(batch * num_chunks, chunk, width)
+        mask = jnp.pad(token_mask, ((0, 0), (0, pad))).reshape(batch * num_chunks, chunk)
+        init = nn.initializers.normal(0.02)
+        time_pos = self.param("time_pos_embed", init, (c.chunk_tokens, width))
+        freq_pos = self.param("freq_pos_embed", init, (width,))
+        x = x + time_pos[:chunk] + freq_pos
+        blocks = nn.scan(TransformerBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=nn.broadcast, length=c.depth)
+        x, _ = blocks(c.num_heads, c.mlp_dim, c.qkv_bias, c.init_values, name="blocks")(x, mask)
+        x = layer_norm(1e-6, "norm")(x)
+        return x.reshape(batch, num_chunks * chunk, width)[:, :num_tokens]
+
+
+class BottleneckMLP(nn.Module):
+    """Linear -> GELU -> Linear; layers named "0" and "2" as in upstream's nn.Sequential."""
+
+    hidden_dim: int
+    out_dim: int
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(self.out_dim, name="2")(gelu(nn.Dense(self.hidden_dim, name="0")(x)))
+
+
+class SemBo(nn.Module):
+    """Semantic bottleneck: E -> D for the latent; D -> E reconstruction only feeds the SemBo loss."""
+
+    config: LosatokConfig
+
+    def setup(self):
+        c = self.config
+        self.downsample = BottleneckMLP(c.sembo_hidden_dim, c.decoder_dim)
+        self.upsample = BottleneckMLP(c.sembo_hidden_dim, c.embed_dim)
+
+
+class SemanticEncoder(nn.Module):
+    config: LosatokConfig
+
+    def setup(self):
+        self.encoder = AudioTransformer(self.config.semantic)
+        self.bottleneck = SemBo(self.config)
+
+    def log_mel(self, audio):
+        c = self.config.semantic
+        return spectral.semantic_log_mel(audio, n_fft=c.n_fft, hop=c.hop_length, n_mels=c.n_mels,
+                                         sample_rate=c.sample_rate, f_min=c.f_min, f_max=c.f_max)
+
+    def __call__(self, audio, token_mask=None):
+        """(B, N) -> log-mel (B, F, 64), emb (B, T, E), emb_low (B, T, D)."""
+        log_mel = self.log_mel(audio)
+        emb = self.encoder(log_mel, token_mask)
+        return log_mel, emb, self.bottleneck.downsample(emb)
+
+    def sembo_recon(self, emb):
+        return self.bottleneck.upsample(self.bottleneck.downsample(emb))
+
+
+class AcousticEncoder(nn.Module):
+    """128-band log-mel -> patch conv -> LayerNorm (eps 1e-5, unlike everything else)."""
+
+    config: LosatokConfig
+
+    @nn.compact
+    def __call__(self, log_mel):  # (B, F, 128) -> (B, T, E)
+        c = self.config
+        x = nn.Dense(c.embed_dim, name="patch_embed")(patchify(log_mel, c.frames_per_token))
+        return layer_norm(1e-5, "norm")(x)
+
+
+class ConvTranspose1d(nn.Module):
+    """Kernel == stride transposed conv: each latent frame becomes `factor` decoder frames."""
+
+    width: int
+    factor: int
+
+    @nn.compact
+    def __call__(self, z):  # (B, T, D) -> (B, factor·T, width)
+        kernel = self.param("kernel", nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2)),
+                            (z.shape[-1], self.factor, self.width))
+        bias = self.param("bias", nn.initializers.zeros, (self.width,))
+        y = jnp.einsum("btd,dkc->btkc", z, kernel) + bias
+        return y.reshape(z.shape[0], -1, self.width)
+
+
+class VocosBackbone(nn.Module):
+    config: LosatokConfig
+
+    @nn.compact
+    def __call__(self, x, keep):  # (B, F, E), (B, F, 1) -> (B, F, C)
+        c = self.config
+        x = nn.Conv(c.decoder_embed_dim, (7,), padding=[(3, 3)], name="embed")(x * keep)
+        x = layer_norm(1e-6, "norm")(x)
+        blocks = nn.scan(ConvNeXtBlock, variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=nn.broadcast, length=c.decoder_depth)
+        x, _ = blocks(c.decoder_intermediate_size, 1.0 / c.decoder_depth, name="convnext")(x, keep)
+        return layer_norm(1e-6, "final_layer_norm")(x)
+
+
+class ISTFTHead(nn.Module):
+    config: LosatokConfig
+
+    @nn.compact
+    def __call__(self, x, keep):  # (B, F, C), (B, F, 1) -> (B, F · istft_hop)
+        c = self.config
+        bins = c.istft_n_fft // 2 + 1
+        out = nn.Dense(2 * bins, name="out")(x)
+        return spectral.istft_same(out[..., :bins], out[..., bins:], keep,
+                                   n_fft=c.istft_n_fft, hop=c.istft_hop)
+
+
+class VocosDecoder(nn.Module):
+    config: LosatokConfig
+
+    def setup(self):
+        self.backbone = VocosBackbone(self.config)
+        self.head = ISTFTHead(self.config)
+
+    def __call__(self, x, keep):
+        return self.head(self.backbone(x, keep), keep)
+
+
+class DashengTokenizer(nn.Module):
+    """Upstream's acoustic half: the acoustic encoder and the latent-to-audio decoder."""
+
+    config: LosatokConfig
+
+    def setup(self):
+        c = self.config
+        self.encoder = AcousticEncoder(c)
+        self.upsampler = ConvTranspose1d(c.embed_dim, c.upsample_tokens)
+        self.decoder = VocosDecoder(c)
+
+    def log_mel(self, audio):
+        c = self.config
+        return spectral.acoustic_log_mel(audio, n_fft=c.n_fft_acoustic, hop=c.hop_length,
+                                         n_mels=c.n_mels_patch, sample_rate=c.sample_rate)
+
+    def decode(self, z, frame_mask=None):
+        """(B, T, D), (B, T) -> (B, samples_per_token · T); masked tokens act as absent."""
+        if frame_mask is None:
+            frame_mask = jnp.ones(z.shape[:2], bool)
+        keep = jnp.repeat(frame_mask, self.config.upsample_tokens, axis=1)[..., None]
+        return self.decoder(self.upsampler(z), keep.astype(z.dtype))
+
+
+class AudioVAE(nn.Module):
+    """The whole tokenizer. `encode` and `decode` are the inference entry points."""
+
+    config: LosatokConfig
+
+    def setup(self):
+        c = self.config
+        self.semantic_encoder = SemanticEncoder(c)
+        self.dasheng_tokenizer = DashengTokenizer(c)
+        self.fc_a = nn.Dense(c.decoder_dim)
+        self.fc_mu = nn.Dense(c.decoder_dim)
+        self.fc_logvar = nn.Dense(c.decoder_dim)
+
+    def encode(self, audio, token_mask=None, noise=None):
+        """(B, N) audio -> the nine upstream features plus both log-mels.
+
+        `token_mask` (B, T) marks real tokens; `noise` (B, T, D) standard normal draws for
+        sampling z = mu + noise · exp(logvar / 2), or None for z = mu.
+        """
+        c = self.config
+        semantic_log_mel, semantic_emb, semantic_emb_low = self.semantic_encoder(audio, token_mask)
+        acoustic_log_mel = self.dasheng_tokenizer.log_mel(audio)
+        acoustic_emb = self.dasheng_tokenizer.encoder(acoustic_log_mel)
+        num_tokens = min(semantic_emb.shape[1], acoustic_emb.shape[1])
+        semantic_emb, semantic_emb_low = semantic_emb[:, :num_tokens], semantic_emb_low[:, :num_tokens]
+        acoustic_emb = acoustic_emb[:, :num_tokens]
+        acoustic_emb_low = self.fc_a(acoustic_emb)
+        unified_emb_low = acoustic_emb_low + semantic_emb_low
+        mu = self.fc_mu(unified_emb_low)
+        logvar = jnp.clip(self.fc_logvar(unified_emb_low), -c.logvar_clamp, c.logvar_clamp)
+        z = mu if noise is None else mu + noise * jnp.exp(0.5 * logvar)
+        return {
+            "z": z, "mu": mu, "logvar": logvar,
+            "semantic_emb": semantic_emb, "acoustic_emb": acoustic_emb,
+            "unified_emb": semantic_emb + acoustic_emb,
+            "semantic_emb_low": semantic_emb_low, "acoustic_emb_low": acoustic_emb_low,
+            "unified_emb_low": unified_emb_low,
+            "semantic_log_mel": semantic_log_mel, "acoustic_log_mel": acoustic_log_mel,
+        }
+
+    def decode(self, z, frame_mask=None):
+        return self.dasheng_tokenizer.decode(z, frame_mask)
+
+    def sembo_recon(self, semantic_emb):
+        return self.semantic_encoder.sembo_recon(semantic_emb)
+
+    def __call__(self, audio):
+        """Touches every parameter once; used only by `init`."""
+        features = self.encode(audio)
+        self.sembo_recon(features["semantic_emb"])
+        return self.decode(features["z"])

@@ -1,0 +1,83 @@
+"""Converted checkpoints on disk: `DIR/config.json` (the resolved config) + `DIR/params` (Orbax).
+
+The config travels with the weights, so `load_losatok(DIR)` needs nothing else. Restoring uses the
+parameter shapes the config implies, so a checkpoint that does not fit its config fails here, with
+the offending parameter named, rather than deep inside a jitted call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from losatok_jax.config import ConfigError, LosatokConfig
+from losatok_jax.model import Losatok, init_params
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, incomplete or does not match its config."""
+
+
+def abstract_params(config: LosatokConfig):
+    """Parameter shapes and dtypes for `config`, without allocating them."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
+def save(path: str | os.PathLike, model: Losatok) -> None:
+    """Writes `model` to a new directory `path` (refuses to overwrite an existing checkpoint)."""
+    path = Path(path).absolute()
+    if (path / PARAMS_DIR).exists():
+        raise CheckpointError(f"{path} already holds a checkpoint; choose a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / PARAMS_DIR, model.params)
+    checkpointer.wait_until_finished()
+    # The config is written last: a directory with config.json is a complete checkpoint.
+    (path / CONFIG_FILE).write_text(model.config.to_json())
+
+
+def load(path: str | os.PathLike) -> Losatok:
+    path = Path(path).absolute()
+    if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
+        raise CheckpointError(
+            f"{path} is not a converted LoSATok checkpoint (expected {CONFIG_FILE} and "
+            f"{PARAMS_DIR}/; convert upstream .pth files with convert/torch_to_orbax.py)")
+    try:
+        config = LosatokConfig.from_json((path / CONFIG_FILE).read_text())
+    except (ValueError, ConfigError) as e:
+        raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                          sharding=jax.sharding.SingleDeviceSharding(
+                                              jax.devices()[0])),
+        abstract_params(config))
+    try:
+        params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path}: parameters do not match config.json: {e}") from e
+    return Losatok(jax.tree.map(jnp.asarray, params), config)
+
+
+def check_same_config(given: LosatokConfig, stored: LosatokConfig, given_path, stored_path):
+    """Raises if a user's config disagrees with the one stored in a checkpoint."""
+    if given == stored:
+        return
+    differences = _differences(dataclasses.asdict(given), dataclasses.asdict(stored))
+    raise ConfigError(f"{given_path} disagrees with the config stored in {stored_path}: "
+                      + "; ".join(f"{key}: {a!r} vs {b!r}" for key, a, b in differences))
+
+
+def _differences(a: dict, b: dict, prefix: str = ""):
+    for key in sorted(set(a) | set(b)):
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            yield from _differences(a[key], b[key], f"{prefix}{key}.")
+        elif a.get(key) != b.get(key):
+            yield f"{prefix}{key}", a.get(key), b.get(key)

@@ -1,0 +1,123 @@
+"""Spectral front ends and the ISTFT, as pure functions on time-major arrays.
+
+Conventions (SPEC.md): periodic Hann windows, centred STFTs with numpy-style reflect padding,
+torchaudio's HTK mel filterbank without area normalisation. Arrays are laid out (batch, frames,
+bins); upstream's (batch, bins, frames) is a transpose away.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Front-end matmuls are tiny; run them at full float32 precision on every backend.
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+@functools.lru_cache(maxsize=None)
+def hann_window(length: int) -> np.ndarray:
+    """Periodic Hann window (the torch default), float32."""
+    n = np.arange(length, dtype=np.float64)
+    return (0.5 - 0.5 * np.cos(2.0 * np.pi * n / length)).astype(np.float32)
+
+
+def _linspace_f32(start: float, stop: float, num: int) -> np.ndarray:
+    """float32 linspace as torch fills it: a float32 step, the first half fused-multiply-added
+    from `start`, the second half back from `stop`. The filterbank must match torchaudio's bits."""
+    start, stop = np.float64(np.float32(start)), np.float64(np.float32(stop))
+    step = np.float64(np.float32((stop - start) / (num - 1)))
+    index = np.arange(num)
+    values = np.where(index < num // 2, start + step * index, stop - step * (num - 1 - index))
+    return values.astype(np.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float,
+                   f_max: float) -> np.ndarray:
+    """HTK-scale triangular filters over the rfft bins, (n_fft // 2 + 1, n_mels), float32.
+
+    Band edges are equally spaced in mel between f_min and f_max; each filter rises and falls
+    linearly in Hz between its neighbours' centres, peaking at 1 (no area normalisation). Built in
+    float32 like torchaudio's `melscale_fbanks`: a float64 build differs by up to 1e-5 near f_max.
+    """
+    bins_hz = _linspace_f32(0.0, sample_rate // 2, n_fft // 2 + 1)
+    mel_min, mel_max = (2595.0 * np.log10(1.0 + f / 700.0) for f in (f_min, f_max))
+    edge_mels = _linspace_f32(mel_min, mel_max, n_mels + 2) / np.float32(2595.0)
+    edges_hz = np.float32(700.0) * (np.power(10.0, edge_mels.astype(np.float64)).astype(np.float32)
+                                    - np.float32(1.0))
+    widths = np.diff(edges_hz)
+    offsets = edges_hz[None, :] - bins_hz[:, None]
+    rising = -offsets[:, :-2] / widths[:-1]
+    falling = offsets[:, 2:] / widths[1:]
+    return np.maximum(np.float32(0.0), np.minimum(rising, falling)).astype(np.float32)
+
+
+def frame(signal: jax.Array, frame_length: int, hop: int) -> jax.Array:
+    """(B, N) -> (B, 1 + (N - frame_length) // hop, frame_length) overlapping frames."""
+    num_frames = 1 + (signal.shape[-1] - frame_length) // hop
+    index = np.arange(num_frames)[:, None] * hop + np.arange(frame_length)[None, :]
+    return signal[..., index]
+
+
+def stft_power(audio: jax.Array, n_fft: int, hop: int) -> jax.Array:
+    """|STFT|² of a centred, reflect-padded, periodic-Hann STFT: (B, N) -> (B, 1 + N // hop, n_fft // 2 + 1)."""
+    padded = jnp.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
+    spectrum = jnp.fft.rfft(frame(padded, n_fft, hop) * hann_window(n_fft), axis=-1)
+    return jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
+
+
+def semantic_log_mel(audio: jax.Array, *, n_fft: int, hop: int, n_mels: int, sample_rate: int,
+                     f_min: float, f_max: float, top_db: float = 120.0) -> jax.Array:
+    """The semantic encoder's input: power mel in dB, floored `top_db` below each example's peak."""
+    fb = mel_filterbank(n_fft, n_mels, sample_rate, f_min, f_max)
+    mel = jnp.matmul(stft_power(audio, n_fft, hop), fb, precision=_HIGHEST)
+    db = 10.0 * jnp.log10(jnp.maximum(mel, 1e-10))
+    floor = jnp.max(db, axis=(-2, -1), keepdims=True) - top_db
+    return jnp.maximum(db, floor)
+
+
+def acoustic_log_mel(audio: jax.Array, *, n_fft: int, hop: int, n_mels: int,
+                     sample_rate: int) -> jax.Array:
+    """The acoustic encoder's input: natural log of the magnitude mel spectrogram over 0..sr/2."""
+    fb = mel_filterbank(n_fft, n_mels, sample_rate, 0.0, sample_rate / 2)
+    magnitude = jnp.sqrt(stft_power(audio, n_fft, hop))
+    mel = jnp.matmul(magnitude, fb, precision=_HIGHEST)
+    return jnp.log(jnp.maximum(mel, 1e-7))
+
+
+def overlap_add(frames: jax.Array, hop: int) -> jax.Array:
+    """(B, F, K·hop) frames -> (B, (F - 1 + K)·hop) signal by summing K shifted copies.
+
+    With the frame length a multiple of the hop, overlap-add is K dense adds: no scatter.
+    """
+    batch, num_frames, length = frames.shape
+    k = length // hop
+    pieces = frames.reshape(batch, num_frames, k, hop)
+    total = jnp.zeros((batch, num_frames + k - 1, hop), frames.dtype)
+    for i in range(k):
+        total = total.at[:, i:i + num_frames].add(pieces[:, :, i])
+    return total.reshape(batch, (num_frames + k - 1) * hop)
+
+
+def istft_same(log_magnitude: jax.Array, phase: jax.Array, keep: jax.Array, *, n_fft: int,
+               hop: int) -> jax.Array:
+    """Vocos' ISTFT with "same" padding: (B, F, n_fft // 2 + 1) x2 -> (B, F · hop).
+
+    The magnitude is capped at 100 before synthesis; frames are windowed, overlap-added, trimmed
+    by (n_fft - hop) / 2 at both ends and divided by the overlap-added squared window. `keep`
+    (B, F, 1) drops frames past each sequence's end from both sums, so every sequence in a padded
+    batch gets its own window envelope; samples no kept frame reaches come out as zeros.
+    """
+    magnitude = jnp.minimum(jnp.exp(log_magnitude), 100.0)
+    spectrum = jax.lax.complex(magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
+    window = hann_window(n_fft)
+    frames = jnp.fft.irfft(spectrum, n=n_fft, axis=-1) * (window * keep)
+    num_frames = frames.shape[1]
+    trim = slice((n_fft - hop) // 2, (n_fft - hop) // 2 + num_frames * hop)
+    signal = overlap_add(frames, hop)[:, trim]
+    envelope = overlap_add(jnp.broadcast_to(window ** 2 * keep, frames.shape), hop)[:, trim]
+    covered = envelope > 1e-11
+    return jnp.where(covered, signal, 0.0) / jnp.where(covered, envelope, 1.0)
