@@ -72,13 +72,11 @@ class AudioTransformer(nn.Module):
     config: SemanticEncoderConfig
 
     @nn.compact
-    def __call__(self, log_mel, token_mask=None):  # (B, F, n_mels), (B, T) -> (B, T, E)
+    def __call__(self, log_mel, token_mask):  # (B, F, n_mels), (B, T) -> (B, T, E)
         c = self.config
         x = FrozenBatchNorm(name="init_bn")(log_mel)
         x = PatchEmbed(c.embed_dim, c.frames_per_token, name="patch_embed")(x)
         batch, num_tokens, width = x.shape
-        if token_mask is None:
-            token_mask = jnp.ones((batch, num_tokens), bool)
         chunk = min(c.chunk_tokens, num_tokens)
         num_chunks = math.ceil(num_tokens / chunk)
         pad = num_chunks * chunk - num_tokens
@@ -124,16 +122,10 @@ class SemanticEncoder(nn.Module):
         self.encoder = AudioTransformer(self.config.semantic)
         self.bottleneck = SemBo(self.config)
 
-    def log_mel(self, audio):
-        c = self.config.semantic
-        return spectral.semantic_log_mel(audio, n_fft=c.n_fft, hop=c.hop_length, n_mels=c.n_mels,
-                                         sample_rate=c.sample_rate, f_min=c.f_min, f_max=c.f_max)
-
-    def __call__(self, audio, token_mask=None):
-        """(B, N) -> log-mel (B, F, 64), emb (B, T, E), emb_low (B, T, D)."""
-        log_mel = self.log_mel(audio)
+    def __call__(self, log_mel, token_mask):
+        """(B, F, 64) floored dB log-mel -> emb (B, T, E), emb_low (B, T, D)."""
         emb = self.encoder(log_mel, token_mask)
-        return log_mel, emb, self.bottleneck.downsample(emb)
+        return emb, self.bottleneck.downsample(emb)
 
     def sembo_recon(self, emb):
         return self.bottleneck.upsample(self.bottleneck.downsample(emb))
@@ -214,16 +206,9 @@ class DashengTokenizer(nn.Module):
         self.upsampler = ConvTranspose1d(c.embed_dim, c.upsample_tokens)
         self.decoder = VocosDecoder(c)
 
-    def log_mel(self, audio):
-        c = self.config
-        return spectral.acoustic_log_mel(audio, n_fft=c.n_fft_acoustic, hop=c.hop_length,
-                                         n_mels=c.n_mels_patch, sample_rate=c.sample_rate)
-
-    def decode(self, z, frame_mask=None):
+    def decode(self, z, token_mask):
         """(B, T, D), (B, T) -> (B, samples_per_token · T); masked tokens act as absent."""
-        if frame_mask is None:
-            frame_mask = jnp.ones(z.shape[:2], bool)
-        keep = jnp.repeat(frame_mask, self.config.upsample_tokens, axis=1)[..., None]
+        keep = jnp.repeat(token_mask, self.config.upsample_tokens, axis=1)[..., None]
         return self.decoder(self.upsampler(z), keep.astype(z.dtype))
 
 
@@ -240,19 +225,58 @@ class AudioVAE(nn.Module):
         self.fc_mu = nn.Dense(c.decoder_dim)
         self.fc_logvar = nn.Dense(c.decoder_dim)
 
-    def encode(self, audio, token_mask=None, noise=None):
-        """(B, N) audio -> the nine upstream features plus both log-mels.
+    def encode(self, audio, num_samples=None, noise=None):
+        """(B, N) clips -> the nine upstream features plus both log-mels (time-major).
 
-        `token_mask` (B, T) marks real tokens; `noise` (B, T, D) standard normal draws for
-        sampling z = mu + noise · exp(logvar / 2), or None for z = mu.
+        Row b holds a clip of `num_samples[b]` samples (default: all N) followed by filler; every
+        output for it equals encoding that clip alone. `noise` (B, T, D) standard normal draws
+        sample z = mu + noise · exp(logvar / 2); None gives z = mu.
         """
         c = self.config
-        semantic_log_mel, semantic_emb, semantic_emb_low = self.semantic_encoder(audio, token_mask)
-        acoustic_log_mel = self.dasheng_tokenizer.log_mel(audio)
+        padded = spectral.reflect_pad(audio, c.front_end_pad, num_samples)
+        num_frames = 1 + audio.shape[1] // c.hop_length
+        valid_frames = None if num_samples is None else 1 + num_samples // c.hop_length
+        return self.encode_padded(padded, num_frames, valid_frames, noise)
+
+    def _front_ends(self, padded, num_frames: int):
+        """Power spectrograms of both branches from one buffer padded by `front_end_pad`."""
+        c, s = self.config, self.config.semantic
+        semantic = spectral.power_spectrogram(padded, n_fft=s.n_fft, hop=s.hop_length,
+                                              num_frames=num_frames,
+                                              offset=c.front_end_pad - s.n_fft // 2)
+        acoustic = spectral.power_spectrogram(padded, n_fft=c.n_fft_acoustic, hop=c.hop_length,
+                                              num_frames=num_frames,
+                                              offset=c.front_end_pad - c.n_fft_acoustic // 2)
+        semantic_db = spectral.power_to_db(semantic, spectral.mel_filterbank(
+            s.n_fft, s.n_mels, s.sample_rate, s.f_min, s.f_max))
+        acoustic_log_mel = spectral.log_magnitude_mel(acoustic, spectral.mel_filterbank(
+            c.n_fft_acoustic, c.n_mels_patch, c.sample_rate, 0.0, c.sample_rate / 2))
+        return semantic_db, acoustic_log_mel
+
+    def semantic_peak_db(self, padded, num_frames: int, valid_frames):
+        """Per-row peak of the semantic dB spectrogram over its real frames (B,): the first pass of
+        windowed encoding, where the 120 dB floor must follow the whole clip's peak."""
+        semantic_db, _ = self._front_ends(padded, num_frames)
+        return spectral.peak_db(semantic_db, _frame_mask(valid_frames, semantic_db.shape[:2]))
+
+    def encode_padded(self, padded, num_frames: int, valid_frames=None, noise=None, peak_db=None):
+        """Encodes `num_frames` frames from a buffer already padded by `front_end_pad` samples.
+
+        `valid_frames` (B,) counts each row's real frames; `peak_db` (B,), if given, is a peak
+        from frames outside this buffer (other windows of the same clip) that the floor must obey.
+        """
+        c = self.config
+        semantic_db, acoustic_log_mel = self._front_ends(padded, num_frames)
+        frame_mask = _frame_mask(valid_frames, semantic_db.shape[:2])
+        peak = spectral.peak_db(semantic_db, frame_mask)
+        if peak_db is not None:
+            peak = jnp.maximum(peak, peak_db)
+        semantic_log_mel = spectral.floor_db(semantic_db, peak)
+        num_tokens = num_frames // c.frames_per_token
+        token_mask = frame_mask[:, c.frames_per_token - 1:num_tokens * c.frames_per_token:
+                                c.frames_per_token]
+        semantic_emb, semantic_emb_low = self.semantic_encoder(semantic_log_mel, token_mask)
         acoustic_emb = self.dasheng_tokenizer.encoder(acoustic_log_mel)
-        num_tokens = min(semantic_emb.shape[1], acoustic_emb.shape[1])
-        semantic_emb, semantic_emb_low = semantic_emb[:, :num_tokens], semantic_emb_low[:, :num_tokens]
-        acoustic_emb = acoustic_emb[:, :num_tokens]
         acoustic_emb_low = self.fc_a(acoustic_emb)
         unified_emb_low = acoustic_emb_low + semantic_emb_low
         mu = self.fc_mu(unified_emb_low)
@@ -267,8 +291,10 @@ class AudioVAE(nn.Module):
             "semantic_log_mel": semantic_log_mel, "acoustic_log_mel": acoustic_log_mel,
         }
 
-    def decode(self, z, frame_mask=None):
-        return self.dasheng_tokenizer.decode(z, frame_mask)
+    def decode(self, z, num_tokens=None):
+        """(B, T, D) -> (B, samples_per_token · T); row b's tokens past `num_tokens[b]` are absent:
+        its audio equals decoding its first num_tokens[b] latents alone (then zeros)."""
+        return self.dasheng_tokenizer.decode(z, _frame_mask(num_tokens, z.shape[:2]))
 
     def sembo_recon(self, semantic_emb):
         return self.semantic_encoder.sembo_recon(semantic_emb)
@@ -278,3 +304,10 @@ class AudioVAE(nn.Module):
         features = self.encode(audio)
         self.sembo_recon(features["semantic_emb"])
         return self.decode(features["z"])
+
+
+def _frame_mask(counts, shape):
+    """(B,) counts -> (B, L) bool mask of the first counts[b] positions; None means all."""
+    if counts is None:
+        return jnp.ones(shape, bool)
+    return jnp.arange(shape[1])[None, :] < counts[:, None]

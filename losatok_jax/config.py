@@ -110,9 +110,14 @@ class LosatokConfig:
         return self.hop_length * self.frames_per_token
 
     @property
+    def front_end_pad(self) -> int:
+        """Samples of reflect padding each end that both centred STFTs read from one buffer."""
+        return max(self.n_fft_acoustic, self.semantic.n_fft) // 2
+
+    @property
     def min_samples(self) -> int:
         """Shortest input: the centred reflect padding of the largest STFT needs N > n_fft // 2."""
-        return max(self.n_fft_acoustic, self.semantic.n_fft) // 2 + 1
+        return self.front_end_pad + 1
 
     def num_tokens(self, num_samples: int) -> int:
         return (1 + num_samples // self.hop_length) // self.frames_per_token

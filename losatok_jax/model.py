@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from losatok_jax import _batching
+from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
 from losatok_jax._modules import AudioVAE
 from losatok_jax.config import LosatokConfig, load_config
 
@@ -92,49 +94,231 @@ def _as_latents(z, config: LosatokConfig) -> jax.Array:
     return jnp.asarray(z, jnp.float32)
 
 
+def _token_noise(rng, clip_ids, token_offsets, num_tokens: int, dim: int):
+    """Standard normal draws for sampling, keyed by (clip, token) alone.
+
+    Each latent frame's noise depends only on `rng`, the clip's position in the call and the
+    token's index in the clip, so sampling is unchanged by batching, bucketing or windowing.
+    """
+    def row(clip_id, offset):
+        clip_key = jax.random.fold_in(rng, clip_id)
+        keys = jax.vmap(lambda t: jax.random.fold_in(clip_key, t))(offset + jnp.arange(num_tokens))
+        return jax.vmap(lambda key: jax.random.normal(key, (dim,)))(keys)
+
+    return jax.vmap(row)(clip_ids, token_offsets)
+
+
+def _noise_for(model, rng, clip_ids, token_offsets, num_tokens):
+    if rng is None:
+        return None
+    return _token_noise(rng, clip_ids, token_offsets, num_tokens, model.config.decoder_dim)
+
+
 @jax.jit
-def _encode(model: Losatok, audio: jax.Array, rng: jax.Array | None) -> dict[str, jax.Array]:
-    noise = None
-    if rng is not None:
-        shape = (audio.shape[0], model.config.num_tokens(audio.shape[1]), model.config.decoder_dim)
-        noise = jax.random.normal(rng, shape, audio.dtype)
-    return model.apply(audio, noise=noise, method="encode")
+def _encode_rows(model: Losatok, rows, num_samples, rng, clip_ids):
+    """Clips in rows of filler (one compiled program per row shape)."""
+    noise = _noise_for(model, rng, clip_ids, jnp.zeros_like(clip_ids),
+                       model.config.num_tokens(rows.shape[1]))
+    return model.apply(rows, num_samples, noise, method="encode")
 
 
-def encode(model: Losatok, audio, *, sample: bool = False,
-           rng: jax.Array | None = None) -> dict[str, jax.Array]:
-    """Audio (N,), (B, N) or (B, 1, N) at 16 kHz -> the nine upstream features, each (B, T, dim).
+@jax.jit
+def _window_peaks(model: Losatok, buffers, valid_frames):
+    num_frames = _batching.window_frames(model.config, _window_tokens(model.config, buffers))
+    return model.apply(buffers, num_frames, valid_frames, method="semantic_peak_db")
 
-    `sample=True` draws z = mu + eps · exp(logvar / 2) with eps from `rng`; otherwise z = mu.
+
+@jax.jit
+def _encode_windows(model: Losatok, buffers, valid_frames, peak_db, rng, clip_ids, starts):
+    window = _window_tokens(model.config, buffers)
+    noise = _noise_for(model, rng, clip_ids, starts, window)
+    num_frames = _batching.window_frames(model.config, window)
+    return model.apply(buffers, num_frames, valid_frames, noise, peak_db, method="encode_padded")
+
+
+def _window_tokens(config: LosatokConfig, buffers) -> int:
+    """Inverts `window_buffer`'s length."""
+    frames = (buffers.shape[1] - 2 * config.front_end_pad) // config.hop_length + 1
+    return frames // config.frames_per_token
+
+
+@jax.jit
+def _decode_rows(model: Losatok, z, num_tokens):
+    return model.apply(z, num_tokens, method="decode")
+
+
+def _encode_clips(model: Losatok, clips: list[np.ndarray], rng,
+                  buckets: Buckets) -> list[dict[str, jax.Array]]:
+    """Encodes 1-D clips of any lengths; returns per clip the nine features, each (T_i, dim)."""
+    c = model.config
+    parts: list[list[tuple[int, dict]]] = [[] for _ in clips]
+    tokens = [c.num_tokens(len(clip)) for clip in clips]
+    whole = [i for i in range(len(clips)) if tokens[i] <= buckets.max_tokens]
+    by_length: dict[int, list[int]] = {}
+    for i in whole:
+        by_length.setdefault(buckets.length(tokens[i]), []).append(i)
+    for length, members in sorted(by_length.items()):
+        width = _batching.row_samples(c, length)
+        for group in _batching.batches(members, buckets.max_batch):
+            rows = np.zeros((buckets.batch_size(len(group)), width), np.float32)
+            num_samples = np.full(len(rows), width, np.int32)
+            for r, i in enumerate(group):
+                rows[r, :len(clips[i])] = clips[i]
+                num_samples[r] = len(clips[i])
+            out = _encode_rows(model, rows, num_samples, rng, _clip_ids(group, len(rows)))
+            for r, i in enumerate(group):
+                parts[i].append((0, {k: out[k][r, :tokens[i]] for k in FEATURE_KEYS}))
+
+    window = buckets.encode_window(c)
+    pieces = [_batching.Piece(i, s, min(window, tokens[i] - s))
+              for i in range(len(clips)) if tokens[i] > buckets.max_tokens
+              for s in range(0, tokens[i], window)]
+
+    def window_batches():
+        for group in _batching.batches(pieces, buckets.max_batch):
+            size = buckets.batch_size(len(group))
+            buffers = np.stack([_batching.window_buffer(c, clips[p.clip], p.start, window)
+                                for p in group])
+            buffers = np.pad(buffers, ((0, size - len(group)), (0, 0)))
+            frames = _batching.window_frames(c, window)
+            valid = np.array([min(1 + len(clips[p.clip]) // c.hop_length
+                                  - p.start * c.frames_per_token, frames) for p in group]
+                             + [frames] * (size - len(group)), np.int32)
+            yield group, buffers, valid
+
+    peaks = np.full(len(clips), -np.inf, np.float32)
+    for group, buffers, valid in window_batches():  # first pass: each long clip's peak
+        window_peak = np.asarray(_window_peaks(model, buffers, valid))
+        for r, p in enumerate(group):
+            peaks[p.clip] = max(peaks[p.clip], window_peak[r])
+    for group, buffers, valid in window_batches():
+        size = len(buffers)
+        clip_peaks = np.array([peaks[p.clip] for p in group] + [0.0] * (size - len(group)),
+                              np.float32)
+        starts = np.array([p.start for p in group] + [0] * (size - len(group)), np.int32)
+        out = _encode_windows(model, buffers, valid, clip_peaks, rng,
+                              _clip_ids([p.clip for p in group], size), starts)
+        for r, p in enumerate(group):
+            parts[p.clip].append((p.start, {k: out[k][r, :p.count] for k in FEATURE_KEYS}))
+    return [_join(clip_parts) for clip_parts in parts]
+
+
+def _clip_ids(members: Sequence[int], size: int) -> np.ndarray:
+    return np.array(list(members) + [0] * (size - len(members)), np.int32)
+
+
+def _join(parts: list[tuple[int, Any]]):
+    """Concatenates a clip's pieces (arrays, or dicts of arrays) in time order."""
+    parts = [part for _, part in sorted(parts, key=lambda part: part[0])]
+    if len(parts) == 1:
+        return parts[0]
+    return jax.tree.map(lambda *pieces: jnp.concatenate(pieces), *parts)
+
+
+def _decode_latents(model: Losatok, latents: list[np.ndarray], buckets: Buckets) -> list[jax.Array]:
+    """Decodes (T_i, D) latent sequences of any lengths; returns (640 · T_i,) audio each."""
+    c = model.config
+    halo = _batching.decoder_halo(c)
+    central = buckets.decode_window(c)
+    pieces = []
+    for i, z in enumerate(latents):
+        if len(z) <= buckets.max_tokens:
+            pieces.append(_batching.Piece(i, 0, len(z), 0, len(z)))
+        else:
+            pieces += [_batching.Piece(i, s, min(central, len(z) - s), max(0, s - halo),
+                                       min(len(z), s + central + halo))
+                       for s in range(0, len(z), central)]
+    by_length: dict[int, list[_batching.Piece]] = {}
+    for p in pieces:
+        by_length.setdefault(buckets.length(p.stop - p.source), []).append(p)
+    hop = c.samples_per_token
+    parts: list[list[tuple[int, jax.Array]]] = [[] for _ in latents]
+    for length, members in sorted(by_length.items()):
+        for group in _batching.batches(members, buckets.max_batch):
+            rows = np.zeros((buckets.batch_size(len(group)), length, c.decoder_dim), np.float32)
+            num_tokens = np.full(len(rows), length, np.int32)
+            for r, p in enumerate(group):
+                rows[r, :p.stop - p.source] = latents[p.clip][p.source:p.stop]
+                num_tokens[r] = p.stop - p.source
+            audio = _decode_rows(model, rows, num_tokens)
+            for r, p in enumerate(group):
+                offset = (p.start - p.source) * hop
+                parts[p.clip].append((p.start, audio[r, offset:offset + p.count * hop]))
+    return [_join(clip_parts) for clip_parts in parts]
+
+
+def _clip_list(audio, config: LosatokConfig) -> list[np.ndarray]:
+    clips = []
+    for i, clip in enumerate(audio):
+        clip = np.asarray(clip)
+        if clip.ndim != 1:
+            raise ValueError(f"clip {i} must be 1-D (N,); got shape {clip.shape}")
+        clips.append(np.asarray(as_audio_batch(clip, config)[0]))
+    return clips
+
+
+def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
+           buckets: Buckets = DEFAULT_BUCKETS):
+    """Audio at 16 kHz -> the nine upstream features.
+
+    - an array (N,), (B, N) or (B, 1, N) -> a dict of (B, T, dim) arrays;
+    - a list of 1-D clips of any lengths -> a list of dicts of (T_i, dim) arrays.
+    Each clip's features equal encoding it alone, however it is batched, padded or windowed; long
+    clips stream through fixed-size windows in bounded memory, and only the shapes in `buckets`
+    are ever compiled. `sample=True` draws z = mu + eps · exp(logvar / 2) with eps from `rng`
+    (keyed by clip position and token, so batching does not change it); otherwise z = mu.
+    Inside a caller's jit/vmap/grad (traced input), the array is encoded in one piece.
     """
     if sample and rng is None:
         raise ValueError("encode(sample=True) needs a PRNG key: pass rng=jax.random.key(seed)")
-    features = _encode(model, as_audio_batch(audio, model.config), rng if sample else None)
-    return {key: features[key] for key in FEATURE_KEYS}
+    rng = rng if sample else None
+    if isinstance(audio, (list, tuple)):
+        return _encode_clips(model, _clip_list(audio, model.config), rng, buckets)
+    batch = as_audio_batch(audio, model.config)
+    if isinstance(batch, jax.core.Tracer):
+        clip_ids = jnp.arange(batch.shape[0])
+        noise = _noise_for(model, rng, clip_ids, jnp.zeros_like(clip_ids),
+                           model.config.num_tokens(batch.shape[1]))
+        features = model.apply(batch, None, noise, method="encode")
+        return {key: features[key] for key in FEATURE_KEYS}
+    per_clip = _encode_clips(model, list(np.asarray(batch)), rng, buckets)
+    return {key: jnp.stack([f[key] for f in per_clip]) for key in FEATURE_KEYS}
+
+
+@jax.jit
+def _front_ends(model: Losatok, audio):
+    features = model.apply(audio, method="encode")
+    return features["semantic_log_mel"], features["acoustic_log_mel"]
 
 
 def log_mels(model: Losatok, audio) -> tuple[jax.Array, jax.Array]:
     """Both front ends' outputs in upstream's layout: semantic (B, 64, F) dB, acoustic (B, 128, F)."""
-    features = _encode(model, as_audio_batch(audio, model.config), None)
-    return (jnp.swapaxes(features["semantic_log_mel"], 1, 2),
-            jnp.swapaxes(features["acoustic_log_mel"], 1, 2))
+    semantic, acoustic = _front_ends(model, as_audio_batch(audio, model.config))
+    return jnp.swapaxes(semantic, 1, 2), jnp.swapaxes(acoustic, 1, 2)
 
 
-@jax.jit
-def _decode(model: Losatok, z: jax.Array) -> jax.Array:
-    return model.apply(z, method="decode")
+def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS):
+    """Latents (B, T, D) -> audio (B, 640 · T); a list of (T_i, D) -> a list of (640 · T_i,).
+
+    Long sequences decode in windows whose halo covers the decoder's receptive field, so the
+    result equals decoding the whole sequence at once.
+    """
+    if isinstance(z, (list, tuple)):
+        latents = [np.asarray(_as_latents(np.asarray(x)[None], model.config)[0]) for x in z]
+        return _decode_latents(model, latents, buckets)
+    z = _as_latents(z, model.config)
+    if isinstance(z, jax.core.Tracer):
+        return model.apply(z, method="decode")
+    return jnp.stack(_decode_latents(model, list(np.asarray(z)), buckets))
 
 
-def decode(model: Losatok, z) -> jax.Array:
-    """Latents (B, T, D) -> audio (B, 640 · T) at 16 kHz."""
-    return _decode(model, _as_latents(z, model.config))
-
-
-def reconstruct(model: Losatok, audio, *, sample: bool = False,
-                rng: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """encode then decode: returns (audio (B, 640 · T), features)."""
-    features = encode(model, audio, sample=sample, rng=rng)
-    return decode(model, features["z"]), features
+def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
+                buckets: Buckets = DEFAULT_BUCKETS):
+    """encode then decode: (audio, features), shaped as `encode` and `decode` return them."""
+    features = encode(model, audio, sample=sample, rng=rng, buckets=buckets)
+    if isinstance(features, list):
+        return decode(model, [f["z"] for f in features], buckets=buckets), features
+    return decode(model, features["z"], buckets=buckets), features
 
 
 def load_losatok(path: str | os.PathLike | None = None, *,

@@ -55,36 +55,51 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float,
     return np.maximum(np.float32(0.0), np.minimum(rising, falling)).astype(np.float32)
 
 
-def frame(signal: jax.Array, frame_length: int, hop: int) -> jax.Array:
-    """(B, N) -> (B, 1 + (N - frame_length) // hop, frame_length) overlapping frames."""
-    num_frames = 1 + (signal.shape[-1] - frame_length) // hop
-    index = np.arange(num_frames)[:, None] * hop + np.arange(frame_length)[None, :]
-    return signal[..., index]
+def reflect_pad(audio: jax.Array, pad: int, num_samples: jax.Array | None = None) -> jax.Array:
+    """Reflect-pads each row at its own ends: (B, N) -> (B, N + 2·pad).
+
+    Row b holds a clip of `num_samples[b]` samples followed by filler; its right padding mirrors
+    the clip's own tail (edge sample excluded, as numpy/torch "reflect"), never the filler.
+    Positions past a short row's padding repeat its last mirrored sample and are never read.
+    """
+    length = audio.shape[-1]
+    if num_samples is None:
+        return jnp.pad(audio, ((0, 0), (pad, pad)), mode="reflect")
+    position = jnp.arange(-pad, length + pad)[None, :]
+    last = num_samples[:, None] - 1
+    source = jnp.abs(position)
+    source = jnp.where(source > last, 2 * last - source, source)
+    return jnp.take_along_axis(audio, jnp.clip(source, 0, length - 1), axis=-1)
 
 
-def stft_power(audio: jax.Array, n_fft: int, hop: int) -> jax.Array:
-    """|STFT|² of a centred, reflect-padded, periodic-Hann STFT: (B, N) -> (B, 1 + N // hop, n_fft // 2 + 1)."""
-    padded = jnp.pad(audio, ((0, 0), (n_fft // 2, n_fft // 2)), mode="reflect")
-    spectrum = jnp.fft.rfft(frame(padded, n_fft, hop) * hann_window(n_fft), axis=-1)
+def power_spectrogram(padded: jax.Array, *, n_fft: int, hop: int, num_frames: int,
+                      offset: int = 0) -> jax.Array:
+    """|STFT|² with a periodic Hann window of frames starting at `offset + hop·f` in an already
+    padded signal: (B, S) -> (B, num_frames, n_fft // 2 + 1)."""
+    index = offset + np.arange(num_frames)[:, None] * hop + np.arange(n_fft)[None, :]
+    spectrum = jnp.fft.rfft(padded[..., index] * hann_window(n_fft), axis=-1)
     return jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
 
 
-def semantic_log_mel(audio: jax.Array, *, n_fft: int, hop: int, n_mels: int, sample_rate: int,
-                     f_min: float, f_max: float, top_db: float = 120.0) -> jax.Array:
-    """The semantic encoder's input: power mel in dB, floored `top_db` below each example's peak."""
-    fb = mel_filterbank(n_fft, n_mels, sample_rate, f_min, f_max)
-    mel = jnp.matmul(stft_power(audio, n_fft, hop), fb, precision=_HIGHEST)
-    db = 10.0 * jnp.log10(jnp.maximum(mel, 1e-10))
-    floor = jnp.max(db, axis=(-2, -1), keepdims=True) - top_db
-    return jnp.maximum(db, floor)
+def power_to_db(power: jax.Array, fb: np.ndarray) -> jax.Array:
+    """Power mel spectrogram in dB, before the dynamic-range floor: (B, F, bins) -> (B, F, mels)."""
+    mel = jnp.matmul(power, fb, precision=_HIGHEST)
+    return 10.0 * jnp.log10(jnp.maximum(mel, 1e-10))
 
 
-def acoustic_log_mel(audio: jax.Array, *, n_fft: int, hop: int, n_mels: int,
-                     sample_rate: int) -> jax.Array:
-    """The acoustic encoder's input: natural log of the magnitude mel spectrogram over 0..sr/2."""
-    fb = mel_filterbank(n_fft, n_mels, sample_rate, 0.0, sample_rate / 2)
-    magnitude = jnp.sqrt(stft_power(audio, n_fft, hop))
-    mel = jnp.matmul(magnitude, fb, precision=_HIGHEST)
+def peak_db(db: jax.Array, frame_mask: jax.Array) -> jax.Array:
+    """Each row's maximum over its real frames: (B, F, mels), (B, F) -> (B,)."""
+    return jnp.max(jnp.where(frame_mask[..., None], db, -jnp.inf), axis=(-2, -1))
+
+
+def floor_db(db: jax.Array, peak: jax.Array, top_db: float = 120.0) -> jax.Array:
+    """Floors each row `top_db` below its peak (B,): the per-example floor of the semantic encoder."""
+    return jnp.maximum(db, (peak - top_db)[:, None, None])
+
+
+def log_magnitude_mel(power: jax.Array, fb: np.ndarray) -> jax.Array:
+    """The acoustic encoder's input: natural log of the magnitude mel spectrogram."""
+    mel = jnp.matmul(jnp.sqrt(power), fb, precision=_HIGHEST)
     return jnp.log(jnp.maximum(mel, 1e-7))
 
 
