@@ -5,10 +5,11 @@ upstream PyTorch release.
 """
 
 from losatok_jax.config import ConfigError, LosatokConfig, SemanticEncoderConfig, load_config
+from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
 from losatok_jax.model import (FEATURE_KEYS, Losatok, decode, encode, init_params, load_losatok,
-                               log_mels, reconstruct)
+                               log_mels, reconstruct, warmup)
 
 __all__ = [
-    "FEATURE_KEYS", "ConfigError", "Losatok", "LosatokConfig", "SemanticEncoderConfig", "decode",
-    "encode", "init_params", "load_config", "load_losatok", "log_mels", "reconstruct",
+    "DEFAULT_BUCKETS", "Buckets", "FEATURE_KEYS", "ConfigError", "Losatok", "LosatokConfig", "SemanticEncoderConfig", "decode",
+    "encode", "init_params", "load_config", "load_losatok", "log_mels", "reconstruct", "warmup",
 ]

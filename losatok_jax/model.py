@@ -7,6 +7,7 @@ user can pass a `Losatok` through their own `jit`, `vmap` or `grad`.
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from typing import Any, Sequence
@@ -46,8 +47,10 @@ def init_params(config: LosatokConfig, rng: jax.Array) -> Any:
     return jax.jit(AudioVAE(config).init)(rng, audio)["params"]
 
 
-def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+def _host_or_traced(x):
+    """Concrete arrays come to the host as numpy (padding and checks happen there without
+    compiling anything); traced arrays from a caller's jit/vmap/grad stay as they are."""
+    return x if isinstance(x, jax.core.Tracer) else np.asarray(x)
 
 
 def _check_float(x, what: str):
@@ -57,14 +60,18 @@ def _check_float(x, what: str):
 
 
 def _check_finite(x, what: str):
-    if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+    if isinstance(x, np.ndarray) and not np.isfinite(x).all():
         raise ValueError(f"{what} contains NaN or Inf values")
 
 
-def as_audio_batch(audio, config: LosatokConfig) -> jax.Array:
-    """Validates audio shaped (N,), (B, N) or (B, 1, N) and returns it as float32 (B, N)."""
-    if not isinstance(audio, jax.Array):
-        audio = np.asarray(audio)
+def _as_float32(x):
+    return x.astype(jnp.float32) if isinstance(x, jax.core.Tracer) else x.astype(np.float32)
+
+
+def as_audio_batch(audio, config: LosatokConfig):
+    """Validates audio shaped (N,), (B, N) or (B, 1, N); returns float32 (B, N), as numpy unless
+    traced."""
+    audio = _host_or_traced(audio)
     _check_float(audio, "audio")
     if audio.ndim == 1:
         audio = audio[None]
@@ -79,19 +86,19 @@ def as_audio_batch(audio, config: LosatokConfig) -> jax.Array:
             f"audio has {audio.shape[1]} samples; LoSATok needs at least {config.min_samples} "
             f"({1000 * config.min_samples / config.sample_rate:.0f} ms at {config.sample_rate} Hz)")
     _check_finite(audio, "audio")
-    return jnp.asarray(audio, jnp.float32)
+    return _as_float32(audio)
 
 
-def _as_latents(z, config: LosatokConfig) -> jax.Array:
-    if not isinstance(z, jax.Array):
-        z = np.asarray(z)
+def _as_latents(z, config: LosatokConfig):
+    """Validates latents shaped (B, T, D); returns float32, as numpy unless traced."""
+    z = _host_or_traced(z)
     _check_float(z, "z")
     if z.ndim != 3 or z.shape[2] != config.decoder_dim:
         raise ValueError(f"z must be shaped (B, T, {config.decoder_dim}); got {z.shape}")
     if z.shape[0] == 0 or z.shape[1] == 0:
         raise ValueError(f"z must hold at least one frame; got {z.shape}")
     _check_finite(z, "z")
-    return jnp.asarray(z, jnp.float32)
+    return _as_float32(z)
 
 
 def _token_noise(rng, clip_ids, token_offsets, num_tokens: int, dim: int):
@@ -114,12 +121,13 @@ def _noise_for(model, rng, clip_ids, token_offsets, num_tokens):
     return _token_noise(rng, clip_ids, token_offsets, num_tokens, model.config.decoder_dim)
 
 
-@jax.jit
-def _encode_rows(model: Losatok, rows, num_samples, rng, clip_ids):
+@functools.partial(jax.jit, static_argnames="keys")
+def _encode_rows(model: Losatok, rows, num_samples, rng, clip_ids, keys=FEATURE_KEYS):
     """Clips in rows of filler (one compiled program per row shape)."""
     noise = _noise_for(model, rng, clip_ids, jnp.zeros_like(clip_ids),
                        model.config.num_tokens(rows.shape[1]))
-    return model.apply(rows, num_samples, noise, method="encode")
+    features = model.apply(rows, num_samples, noise, method="encode")
+    return {key: features[key] for key in keys}
 
 
 @jax.jit
@@ -128,12 +136,15 @@ def _window_peaks(model: Losatok, buffers, valid_frames):
     return model.apply(buffers, num_frames, valid_frames, method="semantic_peak_db")
 
 
-@jax.jit
-def _encode_windows(model: Losatok, buffers, valid_frames, peak_db, rng, clip_ids, starts):
+@functools.partial(jax.jit, static_argnames="keys")
+def _encode_windows(model: Losatok, buffers, valid_frames, peak_db, rng, clip_ids, starts,
+                    keys=FEATURE_KEYS):
     window = _window_tokens(model.config, buffers)
     noise = _noise_for(model, rng, clip_ids, starts, window)
     num_frames = _batching.window_frames(model.config, window)
-    return model.apply(buffers, num_frames, valid_frames, noise, peak_db, method="encode_padded")
+    features = model.apply(buffers, num_frames, valid_frames, noise, peak_db,
+                           method="encode_padded")
+    return {key: features[key] for key in keys}
 
 
 def _window_tokens(config: LosatokConfig, buffers) -> int:
@@ -147,9 +158,9 @@ def _decode_rows(model: Losatok, z, num_tokens):
     return model.apply(z, num_tokens, method="decode")
 
 
-def _encode_clips(model: Losatok, clips: list[np.ndarray], rng,
-                  buckets: Buckets) -> list[dict[str, jax.Array]]:
-    """Encodes 1-D clips of any lengths; returns per clip the nine features, each (T_i, dim)."""
+def _encode_clips(model: Losatok, clips: list[np.ndarray], rng, buckets: Buckets,
+                  keys: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+    """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim)."""
     c = model.config
     parts: list[list[tuple[int, dict]]] = [[] for _ in clips]
     tokens = [c.num_tokens(len(clip)) for clip in clips]
@@ -165,9 +176,10 @@ def _encode_clips(model: Losatok, clips: list[np.ndarray], rng,
             for r, i in enumerate(group):
                 rows[r, :len(clips[i])] = clips[i]
                 num_samples[r] = len(clips[i])
-            out = _encode_rows(model, rows, num_samples, rng, _clip_ids(group, len(rows)))
+            out = jax.device_get(_encode_rows(model, rows, num_samples, rng,
+                                              _clip_ids(group, len(rows)), keys=keys))
             for r, i in enumerate(group):
-                parts[i].append((0, {k: out[k][r, :tokens[i]] for k in FEATURE_KEYS}))
+                parts[i].append((0, {k: out[k][r, :tokens[i]] for k in keys}))
 
     window = buckets.encode_window(c)
     pieces = [_batching.Piece(i, s, min(window, tokens[i] - s))
@@ -196,10 +208,11 @@ def _encode_clips(model: Losatok, clips: list[np.ndarray], rng,
         clip_peaks = np.array([peaks[p.clip] for p in group] + [0.0] * (size - len(group)),
                               np.float32)
         starts = np.array([p.start for p in group] + [0] * (size - len(group)), np.int32)
-        out = _encode_windows(model, buffers, valid, clip_peaks, rng,
-                              _clip_ids([p.clip for p in group], size), starts)
+        out = jax.device_get(_encode_windows(model, buffers, valid, clip_peaks, rng,
+                                             _clip_ids([p.clip for p in group], size), starts,
+                                             keys=keys))
         for r, p in enumerate(group):
-            parts[p.clip].append((p.start, {k: out[k][r, :p.count] for k in FEATURE_KEYS}))
+            parts[p.clip].append((p.start, {k: out[k][r, :p.count] for k in keys}))
     return [_join(clip_parts) for clip_parts in parts]
 
 
@@ -212,10 +225,10 @@ def _join(parts: list[tuple[int, Any]]):
     parts = [part for _, part in sorted(parts, key=lambda part: part[0])]
     if len(parts) == 1:
         return parts[0]
-    return jax.tree.map(lambda *pieces: jnp.concatenate(pieces), *parts)
+    return jax.tree.map(lambda *pieces: np.concatenate(pieces), *parts)
 
 
-def _decode_latents(model: Losatok, latents: list[np.ndarray], buckets: Buckets) -> list[jax.Array]:
+def _decode_latents(model: Losatok, latents: list[np.ndarray], buckets: Buckets) -> list[np.ndarray]:
     """Decodes (T_i, D) latent sequences of any lengths; returns (640 · T_i,) audio each."""
     c = model.config
     halo = _batching.decoder_halo(c)
@@ -232,7 +245,7 @@ def _decode_latents(model: Losatok, latents: list[np.ndarray], buckets: Buckets)
     for p in pieces:
         by_length.setdefault(buckets.length(p.stop - p.source), []).append(p)
     hop = c.samples_per_token
-    parts: list[list[tuple[int, jax.Array]]] = [[] for _ in latents]
+    parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in latents]
     for length, members in sorted(by_length.items()):
         for group in _batching.batches(members, buckets.max_batch):
             rows = np.zeros((buckets.batch_size(len(group)), length, c.decoder_dim), np.float32)
@@ -240,49 +253,96 @@ def _decode_latents(model: Losatok, latents: list[np.ndarray], buckets: Buckets)
             for r, p in enumerate(group):
                 rows[r, :p.stop - p.source] = latents[p.clip][p.source:p.stop]
                 num_tokens[r] = p.stop - p.source
-            audio = _decode_rows(model, rows, num_tokens)
+            audio = np.asarray(_decode_rows(model, rows, num_tokens))
             for r, p in enumerate(group):
                 offset = (p.start - p.source) * hop
                 parts[p.clip].append((p.start, audio[r, offset:offset + p.count * hop]))
     return [_join(clip_parts) for clip_parts in parts]
 
 
+def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
+           features: Sequence[str] = FEATURE_KEYS, decode_too: bool = True) -> int:
+    """Compiles, without running, every program `encode`/`decode` can need for `buckets`.
+
+    Afterwards no input of any length or batch size compiles anything new (with the persistent
+    compilation cache enabled, later processes load these instead of compiling). Returns the
+    number of programs.
+    """
+    c = model.config
+    spec = jax.ShapeDtypeStruct
+    rng = jax.random.key(0) if sample else None
+    window = buckets.encode_window(c)
+    window_samples = (_batching.window_frames(c, window) - 1) * c.hop_length + 2 * c.front_end_pad
+    keys = _feature_keys(features)
+    programs = 0
+    for b in buckets.batch_sizes:
+        ints, floats = spec((b,), jnp.int32), spec((b,), jnp.float32)
+        lowered = [_window_peaks.lower(model, spec((b, window_samples), jnp.float32), ints),
+                   _encode_windows.lower(model, spec((b, window_samples), jnp.float32), ints,
+                                         floats, rng, ints, ints, keys=keys)]
+        for k in buckets.num_tokens:
+            lowered.append(_encode_rows.lower(
+                model, spec((b, _batching.row_samples(c, k)), jnp.float32), ints, rng, ints,
+                keys=keys))
+            if decode_too:
+                lowered.append(_decode_rows.lower(model, spec((b, k, c.decoder_dim), jnp.float32),
+                                                  ints))
+        for program in lowered:
+            program.compile()
+        programs += len(lowered)
+    return programs
+
+
 def _clip_list(audio, config: LosatokConfig) -> list[np.ndarray]:
     clips = []
     for i, clip in enumerate(audio):
-        clip = np.asarray(clip)
+        clip = _host_or_traced(clip)
         if clip.ndim != 1:
             raise ValueError(f"clip {i} must be 1-D (N,); got shape {clip.shape}")
-        clips.append(np.asarray(as_audio_batch(clip, config)[0]))
+        try:
+            clips.append(as_audio_batch(clip, config)[0])
+        except ValueError as e:
+            raise ValueError(f"clip {i}: {e}") from None
+    if not clips:
+        raise ValueError("no clips to encode")
     return clips
 
 
+def _feature_keys(features: Sequence[str]) -> tuple[str, ...]:
+    unknown = sorted(set(features) - set(FEATURE_KEYS))
+    if unknown or not features:
+        raise ValueError(f"features must be a non-empty subset of {FEATURE_KEYS}; got {features}")
+    return tuple(features)
+
+
 def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
-           buckets: Buckets = DEFAULT_BUCKETS):
-    """Audio at 16 kHz -> the nine upstream features.
+           buckets: Buckets = DEFAULT_BUCKETS, features: Sequence[str] = FEATURE_KEYS):
+    """Audio at 16 kHz -> the nine upstream features (or the subset `features`).
 
     - an array (N,), (B, N) or (B, 1, N) -> a dict of (B, T, dim) arrays;
     - a list of 1-D clips of any lengths -> a list of dicts of (T_i, dim) arrays.
     Each clip's features equal encoding it alone, however it is batched, padded or windowed; long
     clips stream through fixed-size windows in bounded memory, and only the shapes in `buckets`
-    are ever compiled. `sample=True` draws z = mu + eps · exp(logvar / 2) with eps from `rng`
-    (keyed by clip position and token, so batching does not change it); otherwise z = mu.
-    Inside a caller's jit/vmap/grad (traced input), the array is encoded in one piece.
+    are ever compiled. Results are numpy arrays on the host. `sample=True` draws
+    z = mu + eps · exp(logvar / 2) with eps from `rng` (keyed by clip position and token, so
+    batching does not change it); otherwise z = mu. Inside a caller's jit/vmap/grad (traced
+    input) the array is encoded in one piece and the results are traced arrays.
     """
     if sample and rng is None:
         raise ValueError("encode(sample=True) needs a PRNG key: pass rng=jax.random.key(seed)")
     rng = rng if sample else None
+    keys = _feature_keys(features)
     if isinstance(audio, (list, tuple)):
-        return _encode_clips(model, _clip_list(audio, model.config), rng, buckets)
+        return _encode_clips(model, _clip_list(audio, model.config), rng, buckets, keys)
     batch = as_audio_batch(audio, model.config)
     if isinstance(batch, jax.core.Tracer):
         clip_ids = jnp.arange(batch.shape[0])
         noise = _noise_for(model, rng, clip_ids, jnp.zeros_like(clip_ids),
                            model.config.num_tokens(batch.shape[1]))
-        features = model.apply(batch, None, noise, method="encode")
-        return {key: features[key] for key in FEATURE_KEYS}
-    per_clip = _encode_clips(model, list(np.asarray(batch)), rng, buckets)
-    return {key: jnp.stack([f[key] for f in per_clip]) for key in FEATURE_KEYS}
+        out = model.apply(batch, None, noise, method="encode")
+        return {key: out[key] for key in keys}
+    per_clip = _encode_clips(model, list(batch), rng, buckets, keys)
+    return {key: np.stack([f[key] for f in per_clip]) for key in keys}
 
 
 @jax.jit
@@ -304,12 +364,20 @@ def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS):
     result equals decoding the whole sequence at once.
     """
     if isinstance(z, (list, tuple)):
-        latents = [np.asarray(_as_latents(np.asarray(x)[None], model.config)[0]) for x in z]
+        if not z:
+            raise ValueError("no latents to decode")
+        latents = []
+        for i, x in enumerate(z):
+            x = _host_or_traced(x)
+            if x.ndim != 2:
+                raise ValueError(f"latents {i} must be shaped (T, {model.config.decoder_dim}); "
+                                 f"got {x.shape}")
+            latents.append(_as_latents(x[None], model.config)[0])
         return _decode_latents(model, latents, buckets)
     z = _as_latents(z, model.config)
     if isinstance(z, jax.core.Tracer):
         return model.apply(z, method="decode")
-    return jnp.stack(_decode_latents(model, list(np.asarray(z)), buckets))
+    return np.stack(_decode_latents(model, list(z), buckets))
 
 
 def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
