@@ -61,8 +61,9 @@ def load(path: str | os.PathLike) -> Losatok:
         abstract_params(config))
     try:
         params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{path}: parameters do not match config.json: {e}") from e
+    except Exception as e:  # Orbax and TensorStore raise bare Exceptions for damaged data
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot restore parameters for config.json ({reason})") from e
     return Losatok(jax.tree.map(jnp.asarray, params), config)
 
 

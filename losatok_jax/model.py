@@ -381,9 +381,15 @@ def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS):
 
 
 def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
-                buckets: Buckets = DEFAULT_BUCKETS):
-    """encode then decode: (audio, features), shaped as `encode` and `decode` return them."""
-    features = encode(model, audio, sample=sample, rng=rng, buckets=buckets)
+                buckets: Buckets = DEFAULT_BUCKETS, features: Sequence[str] = FEATURE_KEYS):
+    """encode then decode: (audio, features), shaped as `encode` and `decode` return them.
+
+    `features` (which must include "z") chooses what comes back besides the audio; ("z",) keeps
+    memory small for hours of audio.
+    """
+    if "z" not in features:
+        raise ValueError("reconstruct needs 'z' among the features it computes")
+    features = encode(model, audio, sample=sample, rng=rng, buckets=buckets, features=features)
     if isinstance(features, list):
         return decode(model, [f["z"] for f in features], buckets=buckets), features
     return decode(model, features["z"], buckets=buckets), features
