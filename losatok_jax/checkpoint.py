@@ -54,13 +54,16 @@ def load(path: str | os.PathLike) -> Losatok:
         config = LosatokConfig.from_json((path / CONFIG_FILE).read_text())
     except (ValueError, ConfigError) as e:
         raise CheckpointError(f"{path / CONFIG_FILE}: {e}") from e
-    target = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
-                                          sharding=jax.sharding.SingleDeviceSharding(
-                                              jax.devices()[0])),
-        abstract_params(config))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),
+                          abstract_params(config))
+    # Each process reads the whole checkpoint on its own: no cross-process barriers, so loading
+    # works the same under jax.distributed as alone.
+    this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                      active_processes={jax.process_index()})
     try:
-        params = ocp.StandardCheckpointer().restore(path / PARAMS_DIR, target)
+        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
+        params = checkpointer.restore(path / PARAMS_DIR, target)
     except Exception as e:  # Orbax and TensorStore raise bare Exceptions for damaged data
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot restore parameters for config.json ({reason})") from e

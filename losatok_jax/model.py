@@ -122,9 +122,9 @@ def _noise_for(model, rng, clip_ids, token_offsets, num_tokens):
 
 
 @functools.partial(jax.jit, static_argnames="keys")
-def _encode_rows(model: Losatok, rows, num_samples, rng, clip_ids, keys=FEATURE_KEYS):
+def _encode_rows(model: Losatok, rng, rows, num_samples, noise_ids, keys=FEATURE_KEYS):
     """Clips in rows of filler (one compiled program per row shape)."""
-    noise = _noise_for(model, rng, clip_ids, jnp.zeros_like(clip_ids),
+    noise = _noise_for(model, rng, noise_ids, jnp.zeros_like(noise_ids),
                        model.config.num_tokens(rows.shape[1]))
     features = model.apply(rows, num_samples, noise, method="encode")
     return {key: features[key] for key in keys}
@@ -137,10 +137,10 @@ def _window_peaks(model: Losatok, buffers, valid_frames):
 
 
 @functools.partial(jax.jit, static_argnames="keys")
-def _encode_windows(model: Losatok, buffers, valid_frames, peak_db, rng, clip_ids, starts,
+def _encode_windows(model: Losatok, rng, buffers, valid_frames, peak_db, noise_ids, starts,
                     keys=FEATURE_KEYS):
     window = _window_tokens(model.config, buffers)
-    noise = _noise_for(model, rng, clip_ids, starts, window)
+    noise = _noise_for(model, rng, noise_ids, starts, window)
     num_frames = _batching.window_frames(model.config, window)
     features = model.apply(buffers, num_frames, valid_frames, noise, peak_db,
                            method="encode_padded")
@@ -158,10 +158,34 @@ def _decode_rows(model: Losatok, z, num_tokens):
     return model.apply(z, num_tokens, method="decode")
 
 
-def _encode_clips(model: Losatok, clips: list[np.ndarray], rng, buckets: Buckets,
-                  keys: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+class Runner:
+    """Runs the bucketed programs on one device and brings results to the host.
+
+    `losatok_jax.parallel` has runners that spread each batch over several devices; batch
+    buckets are per device, so a batch holds up to `max_batch · num_devices` pieces.
+    """
+
+    num_devices = 1
+
+    def __init__(self, model: Losatok):
+        self.model = model
+
+    def run(self, program, shared: tuple, batched: tuple, **static):
+        """program(model, *shared, *batched, **static) with host (numpy) results."""
+        return jax.device_get(program(self.model, *shared, *batched, **static))
+
+    def batch_size(self, buckets: Buckets, pieces: int) -> int:
+        per_device = -(-pieces // self.num_devices)
+        return buckets.batch_size(per_device) * self.num_devices
+
+    def max_batch(self, buckets: Buckets) -> int:
+        return buckets.max_batch * self.num_devices
+
+
+def _encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
+                  keys: tuple[str, ...], noise_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
     """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim)."""
-    c = model.config
+    c = runner.model.config
     parts: list[list[tuple[int, dict]]] = [[] for _ in clips]
     tokens = [c.num_tokens(len(clip)) for clip in clips]
     whole = [i for i in range(len(clips)) if tokens[i] <= buckets.max_tokens]
@@ -170,14 +194,15 @@ def _encode_clips(model: Losatok, clips: list[np.ndarray], rng, buckets: Buckets
         by_length.setdefault(buckets.length(tokens[i]), []).append(i)
     for length, members in sorted(by_length.items()):
         width = _batching.row_samples(c, length)
-        for group in _batching.batches(members, buckets.max_batch):
-            rows = np.zeros((buckets.batch_size(len(group)), width), np.float32)
+        for group in _batching.batches(members, runner.max_batch(buckets)):
+            rows = np.zeros((runner.batch_size(buckets, len(group)), width), np.float32)
             num_samples = np.full(len(rows), width, np.int32)
             for r, i in enumerate(group):
                 rows[r, :len(clips[i])] = clips[i]
                 num_samples[r] = len(clips[i])
-            out = jax.device_get(_encode_rows(model, rows, num_samples, rng,
-                                              _clip_ids(group, len(rows)), keys=keys))
+            out = runner.run(_encode_rows, (rng,),
+                             (rows, num_samples, _padded_ids(noise_ids, group, len(rows))),
+                             keys=keys)
             for r, i in enumerate(group):
                 parts[i].append((0, {k: out[k][r, :tokens[i]] for k in keys}))
 
@@ -187,12 +212,12 @@ def _encode_clips(model: Losatok, clips: list[np.ndarray], rng, buckets: Buckets
               for s in range(0, tokens[i], window)]
 
     def window_batches():
-        for group in _batching.batches(pieces, buckets.max_batch):
-            size = buckets.batch_size(len(group))
+        frames = _batching.window_frames(c, window)
+        for group in _batching.batches(pieces, runner.max_batch(buckets)):
+            size = runner.batch_size(buckets, len(group))
             buffers = np.stack([_batching.window_buffer(c, clips[p.clip], p.start, window)
                                 for p in group])
             buffers = np.pad(buffers, ((0, size - len(group)), (0, 0)))
-            frames = _batching.window_frames(c, window)
             valid = np.array([min(1 + len(clips[p.clip]) // c.hop_length
                                   - p.start * c.frames_per_token, frames) for p in group]
                              + [frames] * (size - len(group)), np.int32)
@@ -200,7 +225,7 @@ def _encode_clips(model: Losatok, clips: list[np.ndarray], rng, buckets: Buckets
 
     peaks = np.full(len(clips), -np.inf, np.float32)
     for group, buffers, valid in window_batches():  # first pass: each long clip's peak
-        window_peak = np.asarray(_window_peaks(model, buffers, valid))
+        window_peak = runner.run(_window_peaks, (), (buffers, valid))
         for r, p in enumerate(group):
             peaks[p.clip] = max(peaks[p.clip], window_peak[r])
     for group, buffers, valid in window_batches():
@@ -208,16 +233,17 @@ def _encode_clips(model: Losatok, clips: list[np.ndarray], rng, buckets: Buckets
         clip_peaks = np.array([peaks[p.clip] for p in group] + [0.0] * (size - len(group)),
                               np.float32)
         starts = np.array([p.start for p in group] + [0] * (size - len(group)), np.int32)
-        out = jax.device_get(_encode_windows(model, buffers, valid, clip_peaks, rng,
-                                             _clip_ids([p.clip for p in group], size), starts,
-                                             keys=keys))
+        ids = _padded_ids(noise_ids, [p.clip for p in group], size)
+        out = runner.run(_encode_windows, (rng,), (buffers, valid, clip_peaks, ids, starts),
+                         keys=keys)
         for r, p in enumerate(group):
             parts[p.clip].append((p.start, {k: out[k][r, :p.count] for k in keys}))
     return [_join(clip_parts) for clip_parts in parts]
 
 
-def _clip_ids(members: Sequence[int], size: int) -> np.ndarray:
-    return np.array(list(members) + [0] * (size - len(members)), np.int32)
+def _padded_ids(noise_ids: Sequence[int], members: Sequence[int], size: int) -> np.ndarray:
+    """Noise ids of a batch's clips, padded with zeros for its filler rows."""
+    return np.array([noise_ids[i] for i in members] + [0] * (size - len(members)), np.int32)
 
 
 def _join(parts: list[tuple[int, Any]]):
@@ -228,9 +254,9 @@ def _join(parts: list[tuple[int, Any]]):
     return jax.tree.map(lambda *pieces: np.concatenate(pieces), *parts)
 
 
-def _decode_latents(model: Losatok, latents: list[np.ndarray], buckets: Buckets) -> list[np.ndarray]:
+def _decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets) -> list[np.ndarray]:
     """Decodes (T_i, D) latent sequences of any lengths; returns (640 · T_i,) audio each."""
-    c = model.config
+    c = runner.model.config
     halo = _batching.decoder_halo(c)
     central = buckets.decode_window(c)
     pieces = []
@@ -247,13 +273,14 @@ def _decode_latents(model: Losatok, latents: list[np.ndarray], buckets: Buckets)
     hop = c.samples_per_token
     parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in latents]
     for length, members in sorted(by_length.items()):
-        for group in _batching.batches(members, buckets.max_batch):
-            rows = np.zeros((buckets.batch_size(len(group)), length, c.decoder_dim), np.float32)
-            num_tokens = np.full(len(rows), length, np.int32)
+        for group in _batching.batches(members, runner.max_batch(buckets)):
+            size = runner.batch_size(buckets, len(group))
+            rows = np.zeros((size, length, c.decoder_dim), np.float32)
+            num_tokens = np.full(size, length, np.int32)
             for r, p in enumerate(group):
                 rows[r, :p.stop - p.source] = latents[p.clip][p.source:p.stop]
                 num_tokens[r] = p.stop - p.source
-            audio = np.asarray(_decode_rows(model, rows, num_tokens))
+            audio = runner.run(_decode_rows, (), (rows, num_tokens))
             for r, p in enumerate(group):
                 offset = (p.start - p.source) * hop
                 parts[p.clip].append((p.start, audio[r, offset:offset + p.count * hop]))
@@ -278,11 +305,11 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
     for b in buckets.batch_sizes:
         ints, floats = spec((b,), jnp.int32), spec((b,), jnp.float32)
         lowered = [_window_peaks.lower(model, spec((b, window_samples), jnp.float32), ints),
-                   _encode_windows.lower(model, spec((b, window_samples), jnp.float32), ints,
-                                         floats, rng, ints, ints, keys=keys)]
+                   _encode_windows.lower(model, rng, spec((b, window_samples), jnp.float32),
+                                         ints, floats, ints, ints, keys=keys)]
         for k in buckets.num_tokens:
             lowered.append(_encode_rows.lower(
-                model, spec((b, _batching.row_samples(c, k)), jnp.float32), ints, rng, ints,
+                model, rng, spec((b, _batching.row_samples(c, k)), jnp.float32), ints, ints,
                 keys=keys))
             if decode_too:
                 lowered.append(_decode_rows.lower(model, spec((b, k, c.decoder_dim), jnp.float32),
@@ -308,6 +335,14 @@ def _clip_list(audio, config: LosatokConfig) -> list[np.ndarray]:
     return clips
 
 
+def _noise_ids(noise_ids: Sequence[int] | None, count: int) -> list[int]:
+    if noise_ids is None:
+        return list(range(count))
+    if len(noise_ids) != count:
+        raise ValueError(f"noise_ids has {len(noise_ids)} entries for {count} clips")
+    return [int(i) for i in noise_ids]
+
+
 def _feature_keys(features: Sequence[str]) -> tuple[str, ...]:
     unknown = sorted(set(features) - set(FEATURE_KEYS))
     if unknown or not features:
@@ -316,7 +351,8 @@ def _feature_keys(features: Sequence[str]) -> tuple[str, ...]:
 
 
 def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
-           buckets: Buckets = DEFAULT_BUCKETS, features: Sequence[str] = FEATURE_KEYS):
+           buckets: Buckets = DEFAULT_BUCKETS, features: Sequence[str] = FEATURE_KEYS,
+           noise_ids: Sequence[int] | None = None, runner: Runner | None = None):
     """Audio at 16 kHz -> the nine upstream features (or the subset `features`).
 
     - an array (N,), (B, N) or (B, 1, N) -> a dict of (B, T, dim) arrays;
@@ -332,16 +368,19 @@ def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None
         raise ValueError("encode(sample=True) needs a PRNG key: pass rng=jax.random.key(seed)")
     rng = rng if sample else None
     keys = _feature_keys(features)
+    runner = runner or Runner(model)
     if isinstance(audio, (list, tuple)):
-        return _encode_clips(model, _clip_list(audio, model.config), rng, buckets, keys)
+        clips = _clip_list(audio, model.config)
+        return _encode_clips(runner, clips, rng, buckets, keys, _noise_ids(noise_ids, len(clips)))
     batch = as_audio_batch(audio, model.config)
+    noise_ids = _noise_ids(noise_ids, batch.shape[0])
     if isinstance(batch, jax.core.Tracer):
-        clip_ids = jnp.arange(batch.shape[0])
+        clip_ids = jnp.asarray(noise_ids, jnp.int32)
         noise = _noise_for(model, rng, clip_ids, jnp.zeros_like(clip_ids),
                            model.config.num_tokens(batch.shape[1]))
         out = model.apply(batch, None, noise, method="encode")
         return {key: out[key] for key in keys}
-    per_clip = _encode_clips(model, list(batch), rng, buckets, keys)
+    per_clip = _encode_clips(runner, list(batch), rng, buckets, keys, noise_ids)
     return {key: np.stack([f[key] for f in per_clip]) for key in keys}
 
 
@@ -357,7 +396,8 @@ def log_mels(model: Losatok, audio) -> tuple[jax.Array, jax.Array]:
     return jnp.swapaxes(semantic, 1, 2), jnp.swapaxes(acoustic, 1, 2)
 
 
-def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS):
+def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS,
+           runner: Runner | None = None):
     """Latents (B, T, D) -> audio (B, 640 · T); a list of (T_i, D) -> a list of (640 · T_i,).
 
     Long sequences decode in windows whose halo covers the decoder's receptive field, so the
@@ -373,15 +413,16 @@ def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS):
                 raise ValueError(f"latents {i} must be shaped (T, {model.config.decoder_dim}); "
                                  f"got {x.shape}")
             latents.append(_as_latents(x[None], model.config)[0])
-        return _decode_latents(model, latents, buckets)
+        return _decode_latents(runner or Runner(model), latents, buckets)
     z = _as_latents(z, model.config)
     if isinstance(z, jax.core.Tracer):
         return model.apply(z, method="decode")
-    return np.stack(_decode_latents(model, list(z), buckets))
+    return np.stack(_decode_latents(runner or Runner(model), list(z), buckets))
 
 
 def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
-                buckets: Buckets = DEFAULT_BUCKETS, features: Sequence[str] = FEATURE_KEYS):
+                buckets: Buckets = DEFAULT_BUCKETS, features: Sequence[str] = FEATURE_KEYS,
+                runner: Runner | None = None):
     """encode then decode: (audio, features), shaped as `encode` and `decode` return them.
 
     `features` (which must include "z") chooses what comes back besides the audio; ("z",) keeps
@@ -389,10 +430,11 @@ def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array |
     """
     if "z" not in features:
         raise ValueError("reconstruct needs 'z' among the features it computes")
-    features = encode(model, audio, sample=sample, rng=rng, buckets=buckets, features=features)
+    features = encode(model, audio, sample=sample, rng=rng, buckets=buckets, features=features,
+                      runner=runner)
     if isinstance(features, list):
-        return decode(model, [f["z"] for f in features], buckets=buckets), features
-    return decode(model, features["z"], buckets=buckets), features
+        return decode(model, [f["z"] for f in features], buckets=buckets, runner=runner), features
+    return decode(model, features["z"], buckets=buckets, runner=runner), features
 
 
 def load_losatok(path: str | os.PathLike | None = None, *,

@@ -1,0 +1,348 @@
+"""Extract LoSATok latents for many clips into ArrayRecord shards, exactly once, at any scale.
+
+    python -m losatok_jax.extract --model_path ckpts/losatok_kl1e-2 --input data/ \
+        --output_dir latents/ [--features z,mu] [--dtype bfloat16] [--batch_size 8]
+
+INPUT is a folder (searched recursively for audio files) or a manifest: a `.txt` of paths, or a
+`.jsonl` of {"path": ..., "id": ...} (id optional; by default a folder's relative path, or the
+path as listed). Output, in OUT:
+- `latents-PPPPP-SSSSS.array_record`: shard S of process P, one record per clip
+  (`losatok_jax.data.decode_record`); each with `latents-PPPPP-SSSSS.index.jsonl` beside it;
+- `index.jsonl`: every record (id, path, shard, position, num_tokens, duration);
+- `failures.jsonl`: inputs that could not be encoded in the latest run, with the reason.
+
+Exactly once: a shard is written under a `.tmp` name and renamed only when complete (its index
+first), so after a kill at any moment a re-run skips every clip in a complete shard and redoes
+the rest. Multi-host: under `jax.distributed` (flags below, or auto-detected on TPU pods and
+SLURM), each process takes a deterministic, disjoint share of the sorted inputs and encodes it on
+its own devices; no process waits for another. Audio decoding runs in a pool of host threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import fcntl
+import json
+import os
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au",
+                  ".caf", ".w64", ".rf64"}
+SAMPLE_RATE = 16000
+
+
+class ExtractError(Exception):
+    """Extraction cannot start or (with --strict) go on; the message says why."""
+
+
+class Entry(NamedTuple):
+    id: str
+    path: str
+
+
+def list_inputs(source: str) -> list[Entry]:
+    """Inputs sorted by id; ids must be unique (they key exactly-once bookkeeping)."""
+    root = Path(source)
+    if root.is_dir():
+        entries = [Entry(str(p.relative_to(root)), str(p)) for p in root.rglob("*")
+                   if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
+    elif root.suffix == ".txt" and root.is_file():
+        lines = [line.strip() for line in root.read_text().splitlines()]
+        entries = [Entry(line, line) for line in lines if line and not line.startswith("#")]
+    elif root.suffix == ".jsonl" and root.is_file():
+        entries = []
+        for number, line in enumerate(root.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                item = json.loads(line)
+                entries.append(Entry(str(item.get("id", item["path"])), str(item["path"])))
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                raise ExtractError(f"{source}:{number}: expected a JSON object with a \"path\"")
+    elif not root.exists():
+        raise ExtractError(f"{source}: no such file or folder")
+    else:
+        raise ExtractError(f"{source}: expected a folder, a .txt or a .jsonl manifest")
+    ids = [e.id for e in entries]
+    if len(set(ids)) != len(ids):
+        duplicate = next(i for i in ids if ids.count(i) > 1)
+        raise ExtractError(f"{source}: id {duplicate!r} appears more than once")
+    return sorted(entries)
+
+
+def noise_id(clip_id: str) -> int:
+    """A stable 31-bit key for a clip's sampling noise: independent of order and process."""
+    return zlib.crc32(clip_id.encode()) & 0x7FFFFFFF
+
+
+class ShardWriter:
+    """Writes this process's records into shards of `shard_size`, each renamed when complete."""
+
+    def __init__(self, directory: Path, process: int, shard_size: int):
+        self.directory, self.process, self.shard_size = directory, process, shard_size
+        existing = [int(p.name.split("-")[2].split(".")[0])
+                    for p in directory.glob(f"latents-{process:05d}-*.array_record")]
+        self.next_shard = max(existing, default=-1) + 1
+        self._writer = None
+        self._index: list[dict] = []
+
+    def _name(self, suffix: str) -> Path:
+        return self.directory / f"latents-{self.process:05d}-{self.next_shard:05d}{suffix}"
+
+    def write(self, record: bytes, info: dict):
+        from array_record.python.array_record_module import ArrayRecordWriter
+
+        if self._writer is None:
+            self._writer = ArrayRecordWriter(str(self._name(".array_record.tmp")), "group_size:1")
+        self._writer.write(record)
+        self._index.append({**info, "shard": self._name(".array_record").name,
+                            "position": len(self._index)})
+        if len(self._index) == self.shard_size:
+            self.close()
+
+    def close(self):
+        """Completes the open shard: index first, then the shard, each by an atomic rename."""
+        if self._writer is None:
+            return
+        self._writer.close()
+        index = self._name(".index.jsonl")
+        _write_atomically(index, "".join(json.dumps(row) + "\n" for row in self._index))
+        os.replace(self._name(".array_record.tmp"), self._name(".array_record"))
+        self._writer, self._index = None, []
+        self.next_shard += 1
+
+
+def _write_atomically(path: Path, text: str):
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def clean_up(directory: Path, process: int):
+    """Drops what a killed run of this process left: unfinished shards and indexes whose shard
+    never completed. Their clips are not in any complete shard, so they are redone."""
+    for tmp in directory.glob(f"latents-{process:05d}-*.tmp"):
+        tmp.unlink()
+    for index in directory.glob(f"latents-{process:05d}-*.index.jsonl"):
+        if not index.with_name(index.name.replace(".index.jsonl", ".array_record")).exists():
+            index.unlink()
+
+
+def completed_ids(directory: Path) -> set[str]:
+    done = set()
+    for index in directory.glob("latents-*.index.jsonl"):
+        shard = index.with_name(index.name.replace(".index.jsonl", ".array_record"))
+        if shard.exists():
+            done.update(json.loads(line)["id"] for line in index.read_text().splitlines())
+    return done
+
+
+def merge_indexes(directory: Path):
+    """Rebuilds index.jsonl and failures.jsonl from every process's files, under a lock, so the
+    last process to finish leaves both complete."""
+    with open(directory / ".merge.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = []
+        for index in sorted(directory.glob("latents-*.index.jsonl")):
+            if index.with_name(index.name.replace(".index.jsonl", ".array_record")).exists():
+                rows += index.read_text().splitlines(keepends=True)
+        _write_atomically(directory / "index.jsonl", "".join(rows))
+        failures = []
+        for part in sorted(directory.glob("failures-*.jsonl")):
+            failures += part.read_text().splitlines(keepends=True)
+        _write_atomically(directory / "failures.jsonl", "".join(failures))
+
+
+def _load(entry: Entry, min_samples: int, max_duration: float | None):
+    """(audio, None) or (None, reason): decoding problems are data, not crashes."""
+    from losatok_jax.audio_io import AudioReadError, load_audio
+
+    try:
+        audio = load_audio(entry.path, SAMPLE_RATE, max_duration=max_duration)
+    except AudioReadError as e:
+        return None, str(e)
+    if len(audio) < min_samples:
+        return None, (f"too short: {len(audio)} samples, the model needs at least {min_samples} "
+                      f"({1000 * min_samples / SAMPLE_RATE:.0f} ms)")
+    return audio, None
+
+
+def _prefetched(entries: list[Entry], workers: int, *load_args) -> Iterator[tuple]:
+    """(entry, audio, reason) in input order, decoded by `workers` threads a bounded way ahead."""
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        ahead = []
+        for entry in entries:
+            ahead.append((entry, pool.submit(_load, entry, *load_args)))
+            if len(ahead) >= 4 * workers:
+                entry, future = ahead.pop(0)
+                yield (entry, *future.result())
+        for entry, future in ahead:
+            yield (entry, *future.result())
+
+
+class Progress:
+    """One status line on stderr: clips, audio hours and audio hours per second."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.failed, self.hours = total, 0, 0, 0.0
+        self.start = time.perf_counter()
+
+    def rate(self) -> float:
+        return self.hours / max(time.perf_counter() - self.start, 1e-9)
+
+    def show(self, final: bool = False):
+        print(f"\r{self.done + self.failed}/{self.total} clips, {self.hours:.3f} h of audio, "
+              f"{self.rate():.4f} h/s, {self.failed} failed", end="\n" if final else "",
+              file=sys.stderr, flush=True)
+
+
+def _initialize_distributed(args) -> tuple[int, int]:
+    """(process index, process count), starting jax.distributed when asked or detected."""
+    import jax
+
+    explicit = args.coordinator_address is not None
+    detected = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
+        "TPU_WORKER_HOSTNAMES", "")
+    if explicit:
+        if args.num_processes is None or args.process_id is None:
+            raise ExtractError("--coordinator_address needs --num_processes and --process_id")
+        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif detected:
+        jax.distributed.initialize()
+    return jax.process_index(), jax.process_count()
+
+
+def run(args) -> Progress:
+    import jax
+
+    from losatok_jax import compilation, data
+    from losatok_jax._batching import Buckets
+    from losatok_jax.model import FEATURE_KEYS, Runner, encode, load_losatok
+    from losatok_jax.parallel import MeshRunner
+
+    features = tuple(args.features.split(","))
+    unknown = sorted(set(features) - set(FEATURE_KEYS))
+    if unknown:
+        raise ExtractError(f"--features: unknown {unknown}; choose from {', '.join(FEATURE_KEYS)}")
+    entries = list_inputs(args.input)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    process, processes = _initialize_distributed(args)
+    compilation.enable_compilation_cache(args.compilation_cache_dir)
+    model = load_losatok(args.model_path)
+    runner = MeshRunner(model) if jax.local_device_count() > 1 else Runner(model)
+    buckets = Buckets(batch_sizes=tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128)
+                                        if b < args.batch_size) + (args.batch_size,),
+                      num_tokens=tuple(int(t) for t in args.buckets.split(",")))
+
+    clean_up(out, process)
+    done = completed_ids(out)
+    share = [e for i, e in enumerate(entries) if i % processes == process]
+    pending = [e for e in share if e.id not in done]
+    progress = Progress(len(pending))
+    writer = ShardWriter(out, process, args.shard_size)
+    failures_path = out / f"failures-{process:05d}.jsonl"
+    rng = jax.random.key(args.seed)
+    group_size = args.batch_size * runner.num_devices * 4
+    with open(failures_path, "w") as failures:
+        group: list[tuple[Entry, object]] = []
+
+        def flush():
+            if not group:
+                return
+            latents = encode(model, [audio for _, audio in group], sample=args.sample, rng=rng,
+                             buckets=buckets, features=features, runner=runner,
+                             noise_ids=[noise_id(entry.id) for entry, _ in group])
+            for (entry, audio), clip in zip(group, latents):
+                duration = len(audio) / SAMPLE_RATE
+                writer.write(data.encode_record(id=entry.id, path=entry.path, duration=duration,
+                                                sample_rate=SAMPLE_RATE, features=clip,
+                                                dtype=args.dtype),
+                             {"id": entry.id, "path": entry.path, "duration": duration,
+                              "num_tokens": len(clip[features[0]])})
+                progress.done += 1
+                progress.hours += duration / 3600
+            group.clear()
+            progress.show()
+
+        for entry, audio, reason in _prefetched(pending, args.num_workers,
+                                                model.config.min_samples, args.max_duration):
+            if reason is not None:
+                if args.strict:
+                    flush()
+                    writer.close()
+                    raise ExtractError(f"{entry.path}: {reason} (--strict)")
+                failures.write(json.dumps({"id": entry.id, "path": entry.path,
+                                           "reason": reason}) + "\n")
+                failures.flush()
+                progress.failed += 1
+                continue
+            group.append((entry, audio))
+            if len(group) >= group_size:
+                flush()
+        flush()
+    writer.close()
+    merge_indexes(out)
+    progress.show(final=True)
+    return progress
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m losatok_jax.extract",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_path", required=True, help="converted checkpoint directory")
+    parser.add_argument("--input", required=True, help="folder, .txt or .jsonl manifest")
+    parser.add_argument("--output_dir", required=True, help="where shards and indexes go")
+    parser.add_argument("--features", default="z", help="comma-separated features to store")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="storage dtype of the features")
+    parser.add_argument("--batch_size", type=int, default=8, help="clips per device per batch")
+    parser.add_argument("--buckets", default="32,64,128,256,512,1008",
+                        help="length buckets in tokens (25 per second); the largest is also "
+                             "the window for longer clips")
+    parser.add_argument("--sample", action="store_true", help="store sampled z, not z = mu")
+    parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    parser.add_argument("--shard_size", type=int, default=1000, help="records per shard")
+    parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 4,
+                        help="host threads decoding and resampling audio")
+    parser.add_argument("--max_duration", type=float, default=None,
+                        help="use only the first S seconds of each clip")
+    parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
+    parser.add_argument("--compilation_cache_dir", default=None,
+                        help="persistent JAX compilation cache")
+    parser.add_argument("--coordinator_address", default=None, help="jax.distributed HOST:PORT")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.batch_size < 1 or args.shard_size < 1 or args.num_workers < 1:
+        print("error: --batch_size, --shard_size and --num_workers must be positive",
+              file=sys.stderr)
+        return 2
+    from losatok_jax.checkpoint import CheckpointError
+    from losatok_jax.config import ConfigError
+
+    try:
+        progress = run(args)
+    except (ExtractError, CheckpointError, ConfigError, ValueError) as e:
+        print(f"\nerror: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    elapsed = time.perf_counter() - progress.start
+    print(f"done: {progress.done} clips, {progress.failed} failed, {progress.hours:.3f} h of "
+          f"audio in {elapsed:.1f} s ({progress.rate():.4f} h/s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,291 @@
+"""Pod-scale extraction: data parallelism, `python -m losatok_jax.extract`, and reading records back.
+
+Multi-device and multi-process behaviour runs in subprocesses: 8 simulated CPU devices need
+XLA_FLAGS before JAX starts, and jax.distributed needs processes of its own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+import losatok_jax
+from losatok_jax import data, extract
+from losatok_jax.audio_io import load_audio
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _env(**extra) -> dict:
+    """A child environment that imports this checkout and sees only the XLA flags it is given."""
+    inherited = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**inherited, "PYTHONPATH": str(REPO_ROOT), **extra}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(golden_checkpoint):
+    return golden_checkpoint("tiny_chunk40")
+
+
+@pytest.fixture(scope="module")
+def model(golden_model):
+    return golden_model("tiny_chunk40")
+
+
+@pytest.fixture(scope="module")
+def audio_folder(tmp_path_factory) -> Path:
+    """Varied lengths, sample rates and channel counts in wav/flac/ogg/mp3, a nested folder, one
+    corrupt file, one empty file and one too short to encode."""
+    root = tmp_path_factory.mktemp("audio")
+    (root / "nested").mkdir()
+    rng = np.random.default_rng(0)
+
+    def noise(seconds, rate, channels=1):
+        shape = (int(seconds * rate), channels) if channels > 1 else (int(seconds * rate),)
+        return 0.1 * rng.standard_normal(shape)
+
+    sf.write(root / "a.wav", noise(3.0, 16000), 16000)
+    sf.write(root / "nested" / "b.flac", noise(2.2, 44100, channels=2), 44100)
+    sf.write(root / "c.ogg", noise(5.5, 48000), 48000, format="OGG", subtype="VORBIS")
+    sf.write(root / "d.mp3", noise(4.0, 22050), 22050, format="MP3", subtype="MPEG_LAYER_III")
+    sf.write(root / "e.wav", noise(7.3, 8000), 8000)
+    sf.write(root / "nested" / "f.wav", noise(0.6, 16000), 16000)
+    (root / "corrupt.wav").write_bytes(b"RIFF" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)))
+    (root / "empty.flac").write_bytes(b"")
+    sf.write(root / "short.wav", noise(0.01, 16000), 16000)
+    return root
+
+
+GOOD = ("a.wav", "c.ogg", "d.mp3", "e.wav", "nested/b.flac", "nested/f.wav")
+BAD = ("corrupt.wav", "empty.flac", "short.wav")
+
+
+def run_extract(*args, check=True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "losatok_jax.extract", *map(str, args)],
+                            capture_output=True, text=True, env=_env(), cwd=REPO_ROOT, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr[-2000:]
+    return result
+
+
+def read_records(directory: Path) -> dict[str, dict]:
+    source = data.LatentDataSource(directory)
+    records = [source[i] for i in range(len(source))]
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), "a clip was written twice"
+    return {r["id"]: r for r in records}
+
+
+@pytest.fixture(scope="module")
+def extracted(checkpoint, audio_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("latents")
+    result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
+                         "--features", "z,mu,semantic_emb", "--shard_size", "2",
+                         "--batch_size", "2", "--buckets", "32,64", "--num_workers", "3")
+    assert "done: 6 clips, 3 failed" in result.stdout
+    return out
+
+
+def test_records_equal_per_file_encode(extracted, audio_folder, model):
+    records = read_records(extracted)
+    assert sorted(records) == sorted(GOOD)
+    for clip_id, record in records.items():
+        audio = load_audio(audio_folder / clip_id)
+        [expected] = losatok_jax.encode(model, [audio], features=("z", "mu", "semantic_emb"))
+        assert record["path"] == str(audio_folder / clip_id)
+        assert record["num_tokens"] == len(expected["z"]) == model.config.num_tokens(len(audio))
+        assert record["duration"] == pytest.approx(len(audio) / 16000)
+        assert record["sample_rate"] == 16000
+        for key in ("z", "mu", "semantic_emb"):
+            assert record[key].dtype == np.float32
+            np.testing.assert_allclose(record[key], expected[key], rtol=0, atol=1e-5)
+
+
+def test_index_and_failures(extracted):
+    index = [json.loads(line) for line in (extracted / "index.jsonl").read_text().splitlines()]
+    assert sorted(row["id"] for row in index) == sorted(GOOD)
+    for row in index:  # each index row points at its record
+        shard = data.decode_record(_read_shard(extracted / row["shard"])[row["position"]])
+        assert shard["id"] == row["id"]
+    failures = [json.loads(line) for line in (extracted / "failures.jsonl").read_text().splitlines()]
+    assert sorted(f["id"] for f in failures) == sorted(BAD)
+    assert all(f["reason"] for f in failures)
+    assert "too short" in next(f["reason"] for f in failures if f["id"] == "short.wav")
+
+
+def _read_shard(path: Path) -> list[bytes]:
+    from array_record.python.array_record_module import ArrayRecordReader
+
+    reader = ArrayRecordReader(str(path))
+    try:
+        return reader.read_all()
+    finally:
+        reader.close()
+
+
+def test_rerun_skips_completed_clips(extracted, checkpoint, audio_folder):
+    before = sorted(p.name for p in extracted.glob("*.array_record"))
+    result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir",
+                         extracted, "--shard_size", "2", "--buckets", "32,64")
+    assert "done: 0 clips, 3 failed" in result.stdout
+    assert sorted(p.name for p in extracted.glob("*.array_record")) == before
+
+
+def test_storage_dtype_and_manifest(checkpoint, audio_folder, tmp_path, model):
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text("".join(json.dumps({"path": str(audio_folder / name), "id": f"clip-{i}"})
+                                + "\n" for i, name in enumerate(GOOD[:2])))
+    run_extract("--model_path", checkpoint, "--input", manifest, "--output_dir", tmp_path / "out",
+                "--dtype", "bfloat16", "--buckets", "32,64")
+    records = read_records(tmp_path / "out")
+    assert sorted(records) == ["clip-0", "clip-1"]
+    [expected] = losatok_jax.encode(model, [load_audio(audio_folder / GOOD[0])], features=("z",))
+    assert records["clip-0"]["z"].dtype.name == "bfloat16"
+    np.testing.assert_allclose(records["clip-0"]["z"].astype(np.float32), expected["z"],
+                               rtol=1e-2, atol=1e-2)
+
+
+def test_strict_and_bad_arguments(checkpoint, audio_folder, tmp_path):
+    result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir",
+                         tmp_path / "strict", "--strict", "--buckets", "32,64", check=False)
+    assert result.returncode == 2 and "--strict" in result.stderr
+    assert "Traceback" not in result.stderr
+    for args, message in (((tmp_path / "missing",), "no such file"),
+                          ((audio_folder / "a.wav",), "expected a folder")):
+        result = run_extract("--model_path", checkpoint, "--input", *args, "--output_dir",
+                             tmp_path / "x", check=False)
+        assert result.returncode == 2 and message in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+def test_kill_and_resume_is_exactly_once(checkpoint, tmp_path, model):
+    """SIGKILL after the first complete shard, then a re-run: every clip exactly once."""
+    folder = tmp_path / "many"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        sf.write(folder / f"clip{i:02d}.wav", 0.1 * rng.standard_normal(int(16000 * rng.uniform(0.5, 2))),
+                 16000)
+    out = tmp_path / "out"
+    args = [sys.executable, "-m", "losatok_jax.extract", "--model_path", str(checkpoint),
+            "--input", str(folder), "--output_dir", str(out), "--shard_size", "2",
+            "--batch_size", "1", "--buckets", "64", "--num_workers", "1"]
+    process = subprocess.Popen(args, env=_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list(out.glob("latents-*.array_record")) and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    complete_before = len(list(out.glob("latents-*.array_record")))
+    assert 1 <= complete_before < 6, "the kill should land mid-run"
+
+    result = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = read_records(out)
+    assert sorted(records) == [f"clip{i:02d}.wav" for i in range(12)]
+    assert not list(out.glob("*.tmp"))
+    sample = records["clip05.wav"]
+    [expected] = losatok_jax.encode(model, [load_audio(folder / "clip05.wav")], features=("z",))
+    np.testing.assert_allclose(sample["z"], expected["z"], rtol=0, atol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(checkpoint, audio_folder, tmp_path):
+    """Two processes under jax.distributed (loopback coordinator) write the same records as
+    one, sampling included (noise is keyed by clip id, not by position or process)."""
+    single = tmp_path / "single"
+    run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", single,
+                "--sample", "--seed", "4", "--buckets", "32,64")
+    port = _free_port()
+    out = tmp_path / "two"
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "losatok_jax.extract", "--model_path", str(checkpoint), "--input",
+         str(audio_folder), "--output_dir", str(out), "--sample", "--seed", "4", "--buckets",
+         "32,64", "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
+         "--process_id", str(i)], env=_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in processes]
+    for p, (stdout, stderr) in zip(processes, outputs):
+        assert p.returncode == 0, stderr[-2000:]
+    assert {p.name for p in out.glob("latents-*.array_record")} >= {
+        "latents-00000-00000.array_record", "latents-00001-00000.array_record"}
+    one, two = read_records(single), read_records(out)
+    assert sorted(one) == sorted(two) == sorted(GOOD)
+    for clip_id in GOOD:
+        np.testing.assert_allclose(two[clip_id]["z"], one[clip_id]["z"], rtol=0, atol=1e-5)
+    index = (out / "index.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in index) == sorted(GOOD)
+
+
+def test_list_inputs(tmp_path):
+    (tmp_path / "list.txt").write_text("# comment\nb.wav\na.wav\n\n")
+    assert extract.list_inputs(str(tmp_path / "list.txt")) == [
+        extract.Entry("a.wav", "a.wav"), extract.Entry("b.wav", "b.wav")]
+    (tmp_path / "dup.jsonl").write_text('{"path": "x.wav", "id": "k"}\n{"path": "y.wav", "id": "k"}\n')
+    with pytest.raises(extract.ExtractError, match="more than once"):
+        extract.list_inputs(str(tmp_path / "dup.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"id": "no path"}\n')
+    with pytest.raises(extract.ExtractError, match="bad.jsonl:1"):
+        extract.list_inputs(str(tmp_path / "bad.jsonl"))
+
+
+def test_record_round_trip():
+    features = {"z": np.arange(12, dtype=np.float32).reshape(3, 4)}
+    for dtype in ("float32", "bfloat16", "float16"):
+        record = data.decode_record(data.encode_record(id="x", path="p", duration=0.12,
+                                                       sample_rate=16000, features=features,
+                                                       dtype=dtype))
+        assert (record["id"], record["path"], record["num_tokens"]) == ("x", "p", 3)
+        assert record["z"].dtype.name == dtype
+        np.testing.assert_array_equal(record["z"].astype(np.float32), features["z"])
+
+
+PARALLEL_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np, jax
+    import losatok_jax
+    from losatok_jax.parallel import MeshRunner, PmapRunner
+    assert jax.local_device_count() == 8, jax.devices()
+    model = losatok_jax.load_losatok(sys.argv[1])
+    buckets = losatok_jax.Buckets(batch_sizes=(1, 2), num_tokens=(32, 64))
+    rng = np.random.default_rng(0)
+    clips = [(0.1 * rng.standard_normal(int(n))).astype(np.float32)
+             for n in rng.uniform(600, 16000 * 6, 13)]
+    key = jax.random.key(3)
+    ref = losatok_jax.encode(model, clips, buckets=buckets, sample=True, rng=key)
+    ref_audio = losatok_jax.decode(model, [f["z"] for f in ref], buckets=buckets)
+    for runner in (PmapRunner(model), MeshRunner(model)):
+        assert runner.num_devices == 8
+        out = losatok_jax.encode(model, clips, buckets=buckets, sample=True, rng=key, runner=runner)
+        audio = losatok_jax.decode(model, [f["z"] for f in out], buckets=buckets, runner=runner)
+        feature_error = max(np.abs(a[k] - b[k]).max() for a, b in zip(ref, out) for k in a)
+        audio_error = max(np.abs(a - b).max() for a, b in zip(ref_audio, audio))
+        print(type(runner).__name__, feature_error, audio_error)
+        assert feature_error <= 1e-5 and audio_error <= 1e-5
+""")
+
+
+def test_parallel_equals_single_on_8_devices(checkpoint):
+    result = subprocess.run([sys.executable, "-c", PARALLEL_SCRIPT, str(checkpoint)],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
+                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "PmapRunner" in result.stdout and "MeshRunner" in result.stdout
