@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Callable, Mapping
 
+import ml_dtypes
 import numpy as np
 
 from losatok_jax import spectral
@@ -98,9 +99,13 @@ def check_buffers(state: Mapping[str, np.ndarray], config: LosatokConfig,
             problems.append(f"missing buffer {key}")
         elif state[key].shape != ours.shape:
             problems.append(f"buffer {key} has shape {state[key].shape}, expected {ours.shape}")
-        elif np.max(np.abs(state[key] - ours)) > atol:
-            problems.append(f"buffer {key} differs from the recomputed one by "
-                            f"{np.max(np.abs(state[key] - ours)):.2e} (> {atol:g})")
+        else:
+            # A half-precision checkpoint (`model.to(torch.bfloat16)`) stores rounded buffers.
+            error = min(np.max(np.abs(state[key] - ours.astype(dtype).astype(np.float32)))
+                        for dtype in (np.float32, ml_dtypes.bfloat16, np.float16))
+            if error > atol:
+                problems.append(f"buffer {key} differs from the recomputed one by "
+                                f"{error:.2e} (> {atol:g})")
     return problems
 
 
