@@ -26,20 +26,26 @@ class Buckets:
 
     The largest length bucket is also the window size for long clips (rounded down to whole
     semantic chunks for encoding). More buckets waste less padding but compile more programs.
+    A batch holds at most `max_batch_tokens` tokens per device (but always one row), which bounds
+    activation memory whatever the lengths: 32 short clips, or 4 windows of a long one.
     """
 
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     num_tokens: tuple[int, ...] = (32, 64, 128, 256, 512, 1008)
+    max_batch_tokens: int = 4096
 
     def __post_init__(self):
         for name in ("batch_sizes", "num_tokens"):
             values = getattr(self, name)
             if not values or list(values) != sorted(set(values)) or values[0] < 1:
                 raise ValueError(f"Buckets.{name} must be increasing positive integers: {values}")
+        if self.max_batch_tokens < 1:
+            raise ValueError(f"Buckets.max_batch_tokens must be positive: {self.max_batch_tokens}")
 
-    @property
-    def max_batch(self) -> int:
-        return self.batch_sizes[-1]
+    def max_batch(self, tokens: int) -> int:
+        """The largest batch bucket whose rows of `tokens` tokens fit the token budget."""
+        fitting = [b for b in self.batch_sizes if b * tokens <= self.max_batch_tokens]
+        return fitting[-1] if fitting else self.batch_sizes[0]
 
     @property
     def max_tokens(self) -> int:

@@ -19,7 +19,7 @@ import numpy as np
 
 from losatok_jax import _batching
 from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
-from losatok_jax._modules import AudioVAE
+from losatok_jax._modules import LOW_PRECISION_SCOPES, AudioVAE
 from losatok_jax.config import LosatokConfig, load_config
 
 FEATURE_KEYS = ("z", "mu", "logvar", "semantic_emb", "acoustic_emb", "unified_emb",
@@ -28,17 +28,56 @@ FEATURE_KEYS = ("z", "mu", "logvar", "semantic_emb", "acoustic_emb", "unified_em
 
 @flax.struct.dataclass
 class Losatok:
-    """LoSATok parameters with the config that shapes them."""
+    """LoSATok parameters with the config that shapes them, and the compute dtype.
+
+    `dtype` "float32" (the default) is the exact port. "bfloat16" runs the transformer blocks and
+    the Vocos decoder's matmuls and convolutions in bfloat16 (float32 residual streams, LayerNorm
+    statistics, attention softmax, front ends, ISTFT; outputs stay float32): use
+    `model.astype("bfloat16")` or `load_losatok(path, dtype="bfloat16")`, which also store those
+    layers' kernels in bfloat16 (half the memory). `config` and `dtype` are static: jitted
+    functions compile once per (config, dtype).
+    """
 
     params: Any
     config: LosatokConfig = flax.struct.field(pytree_node=False)
+    dtype: str = flax.struct.field(pytree_node=False, default="float32")
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", _dtype_name(self.dtype))
 
     @property
     def module(self) -> AudioVAE:
-        return AudioVAE(self.config)
+        return AudioVAE(self.config, dtype=self.dtype)
+
+    def astype(self, dtype) -> "Losatok":
+        """This model computing in `dtype`, with the kernels of the layers that compute in it
+        (`_modules.LOW_PRECISION_SCOPES`) stored in it; every other parameter stays float32.
+        `astype("float32")` restores float32 storage (values already rounded stay rounded)."""
+        dtype = _dtype_name(dtype)
+
+        def cast(path, leaf):
+            names = tuple(getattr(k, "key", str(k)) for k in path)
+            low = names[-1] == "kernel" and any(names[:len(scope)] == scope
+                                                 for scope in LOW_PRECISION_SCOPES)
+            return leaf.astype(dtype if low else jnp.float32) if hasattr(leaf, "astype") else leaf
+
+        return Losatok(jax.tree_util.tree_map_with_path(cast, self.params), self.config, dtype)
 
     def apply(self, *args, method: str, **kwargs):
         return self.module.apply({"params": self.params}, *args, method=method, **kwargs)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _dtype_name(dtype) -> str:
+    try:
+        name = jnp.dtype(dtype).name
+    except TypeError:
+        name = str(dtype)
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}; got {dtype!r}")
+    return name
 
 
 def init_params(config: LosatokConfig, rng: jax.Array) -> Any:
@@ -65,7 +104,9 @@ def _check_finite(x, what: str):
 
 
 def _as_float32(x):
-    return x.astype(jnp.float32) if isinstance(x, jax.core.Tracer) else x.astype(np.float32)
+    if isinstance(x, jax.core.Tracer):
+        return x.astype(jnp.float32)
+    return x.astype(np.float32, copy=False)  # hours of float32 audio are not copied
 
 
 def as_audio_batch(audio, config: LosatokConfig):
@@ -162,7 +203,7 @@ class Runner:
     """Runs the bucketed programs on one device and brings results to the host.
 
     `losatok_jax.parallel` has runners that spread each batch over several devices; batch
-    buckets are per device, so a batch holds up to `max_batch · num_devices` pieces.
+    buckets are per device, so a batch holds `num_devices` times what one device takes.
     """
 
     num_devices = 1
@@ -178,23 +219,23 @@ class Runner:
         per_device = -(-pieces // self.num_devices)
         return buckets.batch_size(per_device) * self.num_devices
 
-    def max_batch(self, buckets: Buckets) -> int:
-        return buckets.max_batch * self.num_devices
+    def max_batch(self, buckets: Buckets, tokens: int) -> int:
+        return buckets.max_batch(tokens) * self.num_devices
 
 
 def _encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
                   keys: tuple[str, ...], noise_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
     """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim)."""
     c = runner.model.config
-    parts: list[list[tuple[int, dict]]] = [[] for _ in clips]
     tokens = [c.num_tokens(len(clip)) for clip in clips]
+    outputs = _Outputs(tokens)
     whole = [i for i in range(len(clips)) if tokens[i] <= buckets.max_tokens]
     by_length: dict[int, list[int]] = {}
     for i in whole:
         by_length.setdefault(buckets.length(tokens[i]), []).append(i)
     for length, members in sorted(by_length.items()):
         width = _batching.row_samples(c, length)
-        for group in _batching.batches(members, runner.max_batch(buckets)):
+        for group in _batching.batches(members, runner.max_batch(buckets, length)):
             rows = np.zeros((runner.batch_size(buckets, len(group)), width), np.float32)
             num_samples = np.full(len(rows), width, np.int32)
             for r, i in enumerate(group):
@@ -204,7 +245,7 @@ def _encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets
                              (rows, num_samples, _padded_ids(noise_ids, group, len(rows))),
                              keys=keys)
             for r, i in enumerate(group):
-                parts[i].append((0, {k: out[k][r, :tokens[i]] for k in keys}))
+                outputs.place(i, 0, {k: out[k][r, :tokens[i]] for k in keys})
 
     window = buckets.encode_window(c)
     pieces = [_batching.Piece(i, s, min(window, tokens[i] - s))
@@ -213,7 +254,7 @@ def _encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets
 
     def window_batches():
         frames = _batching.window_frames(c, window)
-        for group in _batching.batches(pieces, runner.max_batch(buckets)):
+        for group in _batching.batches(pieces, runner.max_batch(buckets, window)):
             size = runner.batch_size(buckets, len(group))
             buffers = np.stack([_batching.window_buffer(c, clips[p.clip], p.start, window)
                                 for p in group])
@@ -237,8 +278,8 @@ def _encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets
         out = runner.run(_encode_windows, (rng,), (buffers, valid, clip_peaks, ids, starts),
                          keys=keys)
         for r, p in enumerate(group):
-            parts[p.clip].append((p.start, {k: out[k][r, :p.count] for k in keys}))
-    return [_join(clip_parts) for clip_parts in parts]
+            outputs.place(p.clip, p.start, {k: out[k][r, :p.count] for k in keys})
+    return outputs.arrays
 
 
 def _padded_ids(noise_ids: Sequence[int], members: Sequence[int], size: int) -> np.ndarray:
@@ -246,12 +287,20 @@ def _padded_ids(noise_ids: Sequence[int], members: Sequence[int], size: int) -> 
     return np.array([noise_ids[i] for i in members] + [0] * (size - len(members)), np.int32)
 
 
-def _join(parts: list[tuple[int, Any]]):
-    """Concatenates a clip's pieces (arrays, or dicts of arrays) in time order."""
-    parts = [part for _, part in sorted(parts, key=lambda part: part[0])]
-    if len(parts) == 1:
-        return parts[0]
-    return jax.tree.map(lambda *pieces: np.concatenate(pieces), *parts)
+class _Outputs:
+    """Each clip's results, allocated at full length on its first piece and filled in place, so
+    a long clip's output never exists twice (as pieces and as their concatenation)."""
+
+    def __init__(self, lengths: Sequence[int]):
+        self.lengths = lengths
+        self.arrays: list[Any] = [None] * len(lengths)
+
+    def place(self, clip: int, start: int, piece):
+        if self.arrays[clip] is None:
+            self.arrays[clip] = jax.tree.map(
+                lambda x: np.empty((self.lengths[clip], *x.shape[1:]), x.dtype), piece)
+        for out, values in zip(jax.tree.leaves(self.arrays[clip]), jax.tree.leaves(piece)):
+            out[start:start + len(values)] = values
 
 
 def _decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets) -> list[np.ndarray]:
@@ -271,9 +320,9 @@ def _decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets)
     for p in pieces:
         by_length.setdefault(buckets.length(p.stop - p.source), []).append(p)
     hop = c.samples_per_token
-    parts: list[list[tuple[int, np.ndarray]]] = [[] for _ in latents]
+    outputs = _Outputs([len(z) * hop for z in latents])
     for length, members in sorted(by_length.items()):
-        for group in _batching.batches(members, runner.max_batch(buckets)):
+        for group in _batching.batches(members, runner.max_batch(buckets, length)):
             size = runner.batch_size(buckets, len(group))
             rows = np.zeros((size, length, c.decoder_dim), np.float32)
             num_tokens = np.full(size, length, np.int32)
@@ -283,8 +332,8 @@ def _decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets)
             audio = runner.run(_decode_rows, (), (rows, num_tokens))
             for r, p in enumerate(group):
                 offset = (p.start - p.source) * hop
-                parts[p.clip].append((p.start, audio[r, offset:offset + p.count * hop]))
-    return [_join(clip_parts) for clip_parts in parts]
+                outputs.place(p.clip, p.start * hop, audio[r, offset:offset + p.count * hop])
+    return outputs.arrays
 
 
 def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
@@ -301,23 +350,23 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
     window = buckets.encode_window(c)
     window_samples = (_batching.window_frames(c, window) - 1) * c.hop_length + 2 * c.front_end_pad
     keys = _feature_keys(features)
-    programs = 0
+    lowered = []
     for b in buckets.batch_sizes:
         ints, floats = spec((b,), jnp.int32), spec((b,), jnp.float32)
-        lowered = [_window_peaks.lower(model, spec((b, window_samples), jnp.float32), ints),
-                   _encode_windows.lower(model, rng, spec((b, window_samples), jnp.float32),
-                                         ints, floats, ints, ints, keys=keys)]
-        for k in buckets.num_tokens:
+        if b <= buckets.max_batch(window):
+            lowered += [_window_peaks.lower(model, spec((b, window_samples), jnp.float32), ints),
+                        _encode_windows.lower(model, rng, spec((b, window_samples), jnp.float32),
+                                              ints, floats, ints, ints, keys=keys)]
+        for k in (k for k in buckets.num_tokens if b <= buckets.max_batch(k)):
             lowered.append(_encode_rows.lower(
                 model, rng, spec((b, _batching.row_samples(c, k)), jnp.float32), ints, ints,
                 keys=keys))
             if decode_too:
                 lowered.append(_decode_rows.lower(model, spec((b, k, c.decoder_dim), jnp.float32),
                                                   ints))
-        for program in lowered:
-            program.compile()
-        programs += len(lowered)
-    return programs
+    for program in lowered:
+        program.compile()
+    return len(lowered)
 
 
 def _clip_list(audio, config: LosatokConfig) -> list[np.ndarray]:
@@ -438,23 +487,26 @@ def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array |
 
 
 def load_losatok(path: str | os.PathLike | None = None, *,
-                 config_path: str | os.PathLike | None = None, seed: int = 0) -> Losatok:
+                 config_path: str | os.PathLike | None = None, seed: int = 0,
+                 dtype: str = "float32") -> Losatok:
     """Loads a converted checkpoint directory, or builds an untrained model from a config.
 
     With `path`, the checkpoint's stored config is used; a `config_path` given as well must agree
     with it. With only `config_path`, parameters are random (a warning says so), as upstream does
-    when no weights are given.
+    when no weights are given. `dtype` "bfloat16" gives `model.astype("bfloat16")` (see Losatok).
     """
     from losatok_jax import checkpoint  # Orbax import is slow; only pay for it when loading.
 
+    dtype = _dtype_name(dtype)
     if path is not None:
         model = checkpoint.load(path)
         if config_path is not None:
             checkpoint.check_same_config(load_config(config_path), model.config, config_path, path)
-        return model
+        return model if dtype == "float32" else model.astype(dtype)
     if config_path is None:
         raise ValueError("load_losatok needs a checkpoint directory or a config_path")
     config = load_config(config_path)
     warnings.warn("no checkpoint given: LoSATok is randomly initialised and untrained",
                   stacklevel=2)
-    return Losatok(init_params(config, jax.random.key(seed)), config)
+    model = Losatok(init_params(config, jax.random.key(seed)), config)
+    return model if dtype == "float32" else model.astype(dtype)

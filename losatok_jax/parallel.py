@@ -4,7 +4,7 @@
     runner = PmapRunner(model)                 # pmap over this process's devices
     features = losatok_jax.encode(model, clips, runner=runner)
 
-Batch buckets count pieces per device, so a batch holds up to `max_batch · num_devices` pieces.
+Batch buckets and the token budget count per device: a batch holds `num_devices` times as much.
 Results equal single-device results; only the placement differs.
 
 Across hosts, a `MeshRunner` over a global mesh runs one SPMD program: every process must then
