@@ -1,11 +1,18 @@
 """Building blocks shared by the LoSATok modules: norms, the transformer block, the ConvNeXt block.
 
 Shape letters: B batch, L tokens in a chunk, F decoder frames, E/C widths, H heads.
+
+Mixed precision: every block takes a compute `dtype` (None: float32, exactly the float32 program).
+With bfloat16, matmuls and convolutions take bfloat16 operands; the residual streams stay float32
+(a bfloat16 branch output is added to a float32 residual), LayerNorm statistics are computed in
+float32, and attention logits and softmax are float32 (`jax.nn.dot_product_attention` does that
+for bfloat16 inputs).
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -14,10 +21,32 @@ import jax.numpy as jnp
 # Exact (erf) GELU, as upstream; jax.nn.gelu defaults to the tanh approximation.
 gelu = functools.partial(nn.gelu, approximate=False)
 
+# A compute dtype: None means float32, leaving every layer's dtype to Flax's inference from float32
+# inputs and parameters, so the float32 program is the one built before dtypes existed.
+Dtype = Any
 
-def layer_norm(epsilon: float, name: str) -> nn.LayerNorm:
-    """LayerNorm with two-pass variance, as PyTorch computes it."""
-    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, name=name)
+
+def compute_dtype(dtype) -> Dtype:
+    """None for float32 (or None), else the jnp dtype: what the layers' `dtype` fields take."""
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+        return None
+    return jnp.dtype(dtype)
+
+
+def layer_norm(epsilon: float, name: str, dtype: Dtype = None) -> nn.LayerNorm:
+    """LayerNorm with two-pass variance, as PyTorch computes it; statistics always in float32
+    (Flax promotes them), output in `dtype`."""
+    return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=dtype, name=name)
+
+
+def dense(features: int, name: str, dtype: Dtype = None, *, float32_output: bool = False,
+          use_bias: bool = True) -> nn.Dense:
+    """nn.Dense computing in `dtype`; with `float32_output` a low-precision product is returned in
+    float32 (accumulated in float32), for outputs that feed float32-only stages."""
+    dot_general = None
+    if dtype is not None and float32_output:
+        dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+    return nn.Dense(features, use_bias=use_bias, dtype=dtype, dot_general=dot_general, name=name)
 
 
 class LayerScale(nn.Module):
@@ -36,27 +65,31 @@ class Attention(nn.Module):
 
     num_heads: int
     qkv_bias: bool
+    dtype: Dtype = None
 
     @nn.compact
     def __call__(self, x, mask):  # x: (B, L, E), mask: (B, L) bool
         batch, length, width = x.shape
         head_dim = width // self.num_heads
-        qkv = nn.Dense(3 * width, use_bias=self.qkv_bias, name="qkv")(x)
+        qkv = dense(3 * width, "qkv", self.dtype, use_bias=self.qkv_bias)(x)
         q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 2, 0)
+        # implementation=None: cuDNN's fused kernel on GPUs where it applies, else XLA's
+        # (float32 logits and softmax for bfloat16 inputs).
         out = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :],
                                            scale=head_dim ** -0.5)
-        return nn.Dense(width, name="proj")(out.reshape(batch, length, width))
+        return dense(width, "proj", self.dtype)(out.reshape(batch, length, width))
 
 
 class Mlp(nn.Module):
     """Linear -> exact GELU -> Linear, back to the input width."""
 
     hidden_dim: int
+    dtype: Dtype = None
 
     @nn.compact
     def __call__(self, x):
-        hidden = gelu(nn.Dense(self.hidden_dim, name="fc1")(x))
-        return nn.Dense(x.shape[-1], name="fc2")(hidden)
+        hidden = gelu(dense(self.hidden_dim, "fc1", self.dtype)(x))
+        return dense(x.shape[-1], "fc2", self.dtype)(hidden)
 
 
 class TransformerBlock(nn.Module):
@@ -66,15 +99,17 @@ class TransformerBlock(nn.Module):
     mlp_dim: int
     qkv_bias: bool
     init_values: float | None
+    dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, x, mask):
+    def __call__(self, x, mask):  # x: (B, L, E) float32 residual stream
         def scaled(name, y):
             return LayerScale(self.init_values, name=name)(y) if self.init_values is not None else y
 
-        attn = Attention(self.num_heads, self.qkv_bias, name="attn")
-        x = x + scaled("ls1", attn(layer_norm(1e-6, "norm1")(x), mask))
-        x = x + scaled("ls2", Mlp(self.mlp_dim, name="mlp")(layer_norm(1e-6, "norm2")(x)))
+        attn = Attention(self.num_heads, self.qkv_bias, self.dtype, name="attn")
+        x = x + scaled("ls1", attn(layer_norm(1e-6, "norm1", self.dtype)(x), mask))
+        mlp = Mlp(self.mlp_dim, self.dtype, name="mlp")
+        x = x + scaled("ls2", mlp(layer_norm(1e-6, "norm2", self.dtype)(x)))
         return x, None
 
 
@@ -87,12 +122,15 @@ class ConvNeXtBlock(nn.Module):
 
     intermediate_dim: int
     layer_scale_init: float
+    dtype: Dtype = None
 
     @nn.compact
-    def __call__(self, x, keep):
+    def __call__(self, x, keep):  # x: (B, F, C) float32 residual stream
         width = x.shape[-1]
-        y = nn.Conv(width, (7,), padding=[(3, 3)], feature_group_count=width, name="dwconv")(x * keep)
-        y = layer_norm(1e-6, "norm")(y)
-        y = nn.Dense(width, name="pwconv2")(gelu(nn.Dense(self.intermediate_dim, name="pwconv1")(y)))
+        y = nn.Conv(width, (7,), padding=[(3, 3)], feature_group_count=width, dtype=self.dtype,
+                    name="dwconv")(x * keep)
+        y = layer_norm(1e-6, "norm", self.dtype)(y)
+        y = dense(self.intermediate_dim, "pwconv1", self.dtype)(y)
+        y = dense(width, "pwconv2", self.dtype)(gelu(y))
         gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (width,))
         return x + gamma * y, None

@@ -11,19 +11,33 @@
 Repeated layers (`blocks`, `convnext`) are `nn.scan`s over stacked parameters, so compile time does
 not grow with depth. Spectral front ends and the ISTFT are parameter-free (`spectral.py`).
 Shape letters: B batch, N samples, F frames, T tokens, E/C/D/I widths.
+
+`AudioVAE(config, dtype=...)` chooses the compute dtype of the heavy layers: the transformer blocks
+and the Vocos backbone and head (`LOW_PRECISION_SCOPES`). Everything else stays float32 whatever the
+dtype: both front ends, the patch embeddings, BatchNorm, the encoder's final norm, SemBo, the VAE
+head, the upsampler and the ISTFT (the head's product is returned in float32). These are < 0.5% of
+the FLOPs. So every returned feature and the audio are float32.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from losatok_jax import spectral
-from losatok_jax._layers import ConvNeXtBlock, TransformerBlock, gelu, layer_norm
+from losatok_jax._layers import (ConvNeXtBlock, TransformerBlock, compute_dtype, dense, gelu,
+                                 layer_norm)
 from losatok_jax.config import LosatokConfig, SemanticEncoderConfig
+
+# Parameter-tree prefixes of the layers that compute in the model's dtype; `Losatok.astype` stores
+# the kernels under them in that dtype (every other parameter stays float32).
+LOW_PRECISION_SCOPES = (("semantic_encoder", "encoder", "blocks"),
+                        ("dasheng_tokenizer", "decoder", "backbone"),
+                        ("dasheng_tokenizer", "decoder", "head"))
 
 
 class FrozenBatchNorm(nn.Module):
@@ -70,6 +84,7 @@ class AudioTransformer(nn.Module):
     """
 
     config: SemanticEncoderConfig
+    dtype: Any = None  # of the transformer blocks; the residual stream stays float32
 
     @nn.compact
     def __call__(self, log_mel, token_mask):  # (B, F, n_mels), (B, T) -> (B, T, E)
@@ -88,7 +103,8 @@ class AudioTransformer(nn.Module):
         x = x + time_pos[:chunk] + freq_pos
         blocks = nn.scan(TransformerBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=nn.broadcast, length=c.depth)
-        x, _ = blocks(c.num_heads, c.mlp_dim, c.qkv_bias, c.init_values, name="blocks")(x, mask)
+        x, _ = blocks(c.num_heads, c.mlp_dim, c.qkv_bias, c.init_values, self.dtype,
+                      name="blocks")(x, mask)
         x = layer_norm(1e-6, "norm")(x)
         return x.reshape(batch, num_chunks * chunk, width)[:, :num_tokens]
 
@@ -117,9 +133,10 @@ class SemBo(nn.Module):
 
 class SemanticEncoder(nn.Module):
     config: LosatokConfig
+    dtype: Any = None
 
     def setup(self):
-        self.encoder = AudioTransformer(self.config.semantic)
+        self.encoder = AudioTransformer(self.config.semantic, self.dtype)
         self.bottleneck = SemBo(self.config)
 
     def __call__(self, log_mel, token_mask):
@@ -160,36 +177,41 @@ class ConvTranspose1d(nn.Module):
 
 class VocosBackbone(nn.Module):
     config: LosatokConfig
+    dtype: Any = None  # of the convolutions and ConvNeXt blocks; the residual stream stays float32
 
     @nn.compact
     def __call__(self, x, keep):  # (B, F, E), (B, F, 1) -> (B, F, C)
         c = self.config
-        x = nn.Conv(c.decoder_embed_dim, (7,), padding=[(3, 3)], name="embed")(x * keep)
-        x = layer_norm(1e-6, "norm")(x)
+        x = nn.Conv(c.decoder_embed_dim, (7,), padding=[(3, 3)], dtype=self.dtype,
+                    name="embed")(x * keep)
+        x = layer_norm(1e-6, "norm")(x)  # float32: the residual stream starts here
         blocks = nn.scan(ConvNeXtBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=nn.broadcast, length=c.decoder_depth)
-        x, _ = blocks(c.decoder_intermediate_size, 1.0 / c.decoder_depth, name="convnext")(x, keep)
-        return layer_norm(1e-6, "final_layer_norm")(x)
+        x, _ = blocks(c.decoder_intermediate_size, 1.0 / c.decoder_depth, self.dtype,
+                      name="convnext")(x, keep)
+        return layer_norm(1e-6, "final_layer_norm", self.dtype)(x)
 
 
 class ISTFTHead(nn.Module):
     config: LosatokConfig
+    dtype: Any = None  # of the output projection, whose result is float32 in any case
 
     @nn.compact
     def __call__(self, x, keep):  # (B, F, C), (B, F, 1) -> (B, F · istft_hop)
         c = self.config
         bins = c.istft_n_fft // 2 + 1
-        out = nn.Dense(2 * bins, name="out")(x)
+        out = dense(2 * bins, "out", self.dtype, float32_output=True)(x)
         return spectral.istft_same(out[..., :bins], out[..., bins:], keep,
                                    n_fft=c.istft_n_fft, hop=c.istft_hop)
 
 
 class VocosDecoder(nn.Module):
     config: LosatokConfig
+    dtype: Any = None
 
     def setup(self):
-        self.backbone = VocosBackbone(self.config)
-        self.head = ISTFTHead(self.config)
+        self.backbone = VocosBackbone(self.config, self.dtype)
+        self.head = ISTFTHead(self.config, self.dtype)
 
     def __call__(self, x, keep):
         return self.head(self.backbone(x, keep), keep)
@@ -199,12 +221,13 @@ class DashengTokenizer(nn.Module):
     """Upstream's acoustic half: the acoustic encoder and the latent-to-audio decoder."""
 
     config: LosatokConfig
+    dtype: Any = None
 
     def setup(self):
         c = self.config
         self.encoder = AcousticEncoder(c)
         self.upsampler = ConvTranspose1d(c.embed_dim, c.upsample_tokens)
-        self.decoder = VocosDecoder(c)
+        self.decoder = VocosDecoder(c, self.dtype)
 
     def decode(self, z, token_mask):
         """(B, T, D), (B, T) -> (B, samples_per_token · T); masked tokens act as absent."""
@@ -213,14 +236,20 @@ class DashengTokenizer(nn.Module):
 
 
 class AudioVAE(nn.Module):
-    """The whole tokenizer. `encode` and `decode` are the inference entry points."""
+    """The whole tokenizer. `encode` and `decode` are the inference entry points.
+
+    `dtype` (None or "float32": the exact float32 model; "bfloat16") is the compute dtype of the
+    layers under LOW_PRECISION_SCOPES; their parameters may be stored in it or in float32.
+    """
 
     config: LosatokConfig
+    dtype: Any = None
 
     def setup(self):
         c = self.config
-        self.semantic_encoder = SemanticEncoder(c)
-        self.dasheng_tokenizer = DashengTokenizer(c)
+        dtype = compute_dtype(self.dtype)
+        self.semantic_encoder = SemanticEncoder(c, dtype)
+        self.dasheng_tokenizer = DashengTokenizer(c, dtype)
         self.fc_a = nn.Dense(c.decoder_dim)
         self.fc_mu = nn.Dense(c.decoder_dim)
         self.fc_logvar = nn.Dense(c.decoder_dim)
