@@ -174,7 +174,7 @@ def test_kill_and_resume_is_exactly_once(checkpoint, tmp_path, model):
     folder = tmp_path / "many"
     folder.mkdir()
     rng = np.random.default_rng(3)
-    for i in range(12):
+    for i in range(40):
         sf.write(folder / f"clip{i:02d}.wav", 0.1 * rng.standard_normal(int(16000 * rng.uniform(0.5, 2))),
                  16000)
     out = tmp_path / "out"
@@ -189,13 +189,13 @@ def test_kill_and_resume_is_exactly_once(checkpoint, tmp_path, model):
     process.send_signal(signal.SIGKILL)
     process.wait()
     complete_before = len(list(out.glob("latents-*.array_record")))
-    assert 1 <= complete_before < 6, "the kill should land mid-run"
+    assert 1 <= complete_before < 20, "the kill should land mid-run"
 
     result = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     records = read_records(out)
-    assert sorted(records) == [f"clip{i:02d}.wav" for i in range(12)]
+    assert sorted(records) == [f"clip{i:02d}.wav" for i in range(40)]
     assert not list(out.glob("*.tmp"))
     sample = records["clip05.wav"]
     [expected] = losatok_jax.encode(model, [load_audio(folder / "clip05.wav")], features=("z",))

@@ -135,7 +135,10 @@ def test_gradient_accumulation_equals_one_large_batch(model, mesh, clips):
         results.append(step(state, frozen, train.shard_batch(clips, grad_accum, mesh)))
     (state_1, metrics_1), (state_2, metrics_2) = results
     for key in metrics_1:
-        np.testing.assert_allclose(metrics_2[key], metrics_1[key], rtol=1e-5, err_msg=key)
+        # grad_norm sums gradients whose float32 rounding depends on the micro-batch size
+        # (about 3e-4 relative per element); a real accumulation bug is off by 10% or more.
+        rtol = 1e-4 if key == "grad_norm" else 1e-5
+        np.testing.assert_allclose(metrics_2[key], metrics_1[key], rtol=rtol, err_msg=key)
     # XLA's float32 rounding depends on the batch size (about 1e-7 in the semantic embeddings),
     # and the log-magnitude loss, steep on quiet STFT bins, amplifies it in the gradients to
     # about 3e-4; a lost micro-batch or a wrong noise key would differ by O(0.1) or more.
