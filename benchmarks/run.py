@@ -69,12 +69,11 @@ PROFILES = {
 }
 OPERATIONS = ("encode", "decode", "reconstruct")
 NOT_MEASURED_GPU = "not measured (no GPU lent to this task)"
-# `--buckets`: JAX's shape buckets. "default" is `losatok_jax.DEFAULT_BUCKETS` (powers of two up to
-# 1008 tokens); "chunk-aligned" replaces its 256 and 512 by 252 and 504, whole semantic chunks (a
-# 256-token row is two 252-token chunks, the second nearly all padding, so it costs twice a
-# 252-token row); "per-second" has one length bucket per second of audio up to a minute (programs
-# compile on demand, ~1 s each at full size on CPU), so a clip is padded by less than a second.
-BUCKET_CHOICES = ("default", "chunk-aligned", "per-second")
+# `--buckets`: JAX's shape buckets. "default" is `losatok_jax.DEFAULT_BUCKETS` (16-1008 tokens in
+# steps of about 1.25); "powers-of-two" is the coarser 32, 64, ..., 512, 1008 ladder (fewer
+# programs, more padding); "per-second" has one length bucket per second of audio up to a minute
+# (programs compile on demand, ~1 s each at full size on CPU), so a row is padded by < 1 s.
+BUCKET_CHOICES = ("default", "powers-of-two", "per-second")
 
 
 def make_buckets(name: str):
@@ -82,9 +81,9 @@ def make_buckets(name: str):
 
     if name == "default":
         return DEFAULT_BUCKETS
-    if name == "chunk-aligned":
+    if name == "powers-of-two":
         return Buckets(batch_sizes=DEFAULT_BUCKETS.batch_sizes,
-                       num_tokens=(32, 64, 128, 252, 504, 1008))
+                       num_tokens=(32, 64, 128, 256, 512, 1008))
     if name == "per-second":
         return Buckets(batch_sizes=(1, 2, 4, 8), num_tokens=tuple(range(25, 1501, 25)))
     raise ValueError(f"unknown buckets {name!r}; choose from {BUCKET_CHOICES}")
@@ -201,21 +200,16 @@ def row_flops(config, operation: str, clips: list[np.ndarray]) -> float:
 
 def jax_tokens_computed(config, operation: str, tokens: int, b=None) -> int | None:
     """Tokens the buckets `b` (default: the default ones) make JAX compute for one clip of
-    `tokens` (padding included), or None when unknown; upstream computes exactly `tokens`."""
+    `tokens` (padding and decoder halos included), or None when unknown; upstream computes
+    exactly `tokens`."""
     from losatok_jax import DEFAULT_BUCKETS
-    from losatok_jax._batching import decoder_halo
+    from losatok_jax._batching import decode_pieces, encode_pieces
 
     b = b or DEFAULT_BUCKETS
-    if tokens <= b.max_tokens:
-        return b.length(tokens)
     if operation == "encode":
-        window = b.encode_window(config)
-        return math.ceil(tokens / window) * window
+        return sum(b.encode_length(config, p.count) for p in encode_pieces(config, 0, tokens))
     if operation == "decode":
-        central, halo = b.decode_window(config), decoder_halo(config)
-        pieces = [min(tokens, s + central + halo) - max(0, s - halo)
-                  for s in range(0, tokens, central)]
-        return sum(b.length(p) for p in pieces)
+        return sum(b.length(p.stop - p.source) for p in decode_pieces(config, b, 0, tokens))
     return None
 
 
@@ -1015,8 +1009,9 @@ def _rows_markdown(results: dict) -> list[str]:
     lines += ["", "Steady state: median of "
               f"{results['repeats']} calls after the first. × realtime: audio seconds per "
               "second. GFLOP/s: the matmul and convolution FLOPs the model needs (upstream's "
-              "count, no padding) per steady-state second; JAX pads to its length buckets (the default ones: 1 s → "
-              "32 tokens, 60 s → two 1008-token windows), so padding shows as lower JAX GFLOP/s "
+              "count, no padding) per steady-state second; JAX pads to its length buckets "
+              "(the default ones: 1 s → 25 tokens, 10 s → 252, 60 s encodes as 6 × 252 and "
+              "decodes as 1008 + 640 with halos), so padding shows as lower JAX GFLOP/s "
               f"({results.get('buckets', 'default')} buckets here). Rows run interleaved: each "
               "row is timed in the JAX process, then in the PyTorch one (or the reverse), so a "
               "load change on a shared machine hits both sides of a ratio alike. "

@@ -1,12 +1,15 @@
 """Host-side planning: which padded shapes the jitted entry points see, and where clips go.
 
 Every call is cut into *pieces* placed in rows of a few fixed shapes (batch and length buckets), so
-compilation is bounded however varied the inputs are. Clips up to the largest length bucket are one
-piece each. Longer clips are cut into windows that are exact by construction:
-- encoding: windows of whole semantic chunks (the encoder attends within a chunk only; the acoustic
-  path is frame-local), each with the clip's own samples around it, and a first pass that finds
-  the clip's spectrogram peak for the 120 dB floor;
-- decoding: windows with a halo of latents on both sides covering the decoder's receptive field.
+compilation is bounded however varied the inputs are, and padding is small:
+- encoding: a row holds at most one semantic chunk (the encoder attends within a chunk only and
+  the acoustic path is frame-local), so a clip is cut into chunk windows, each with the clip's own
+  samples around it; its last window takes the shortest bucket that holds it. A clip of several
+  windows first gets a cheap pass that finds its spectrogram peak for the 120 dB floor;
+- decoding: windows with a halo of latents on both sides covering the decoder's receptive field,
+  the last one again in the shortest bucket that holds it;
+- batches: rows of one length are grouped into batch buckets largest first (5 rows run as 4 + 1,
+  not as 8 with 3 rows of filler).
 """
 
 from __future__ import annotations
@@ -24,14 +27,17 @@ from losatok_jax.config import LosatokConfig
 class Buckets:
     """The shapes compiled: batch sizes and lengths in tokens (25 tokens per second).
 
-    The largest length bucket is also the window size for long clips (rounded down to whole
-    semantic chunks for encoding). More buckets waste less padding but compile more programs.
-    A batch holds at most `max_batch_tokens` tokens per device (but always one row), which bounds
-    activation memory whatever the lengths: 32 short clips, or 4 windows of a long one.
+    The default lengths step by about 1.25 (a row is padded by at most a quarter, 11% on average)
+    and include whole seconds (25, 50, 100, 200 tokens) and the semantic chunk (252) with its
+    multiples. Encoding uses the lengths below one semantic chunk plus the chunk itself; decoding
+    uses them all, the largest also being its window for long sequences. A batch holds at most
+    `max_batch_tokens` tokens per device (but always one row), which bounds activation memory
+    whatever the lengths: 32 short clips, or 4 windows of a long one.
     """
 
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
-    num_tokens: tuple[int, ...] = (32, 64, 128, 256, 512, 1008)
+    num_tokens: tuple[int, ...] = (16, 25, 32, 40, 50, 64, 80, 100, 126, 160, 200, 252, 320, 400,
+                                   504, 640, 800, 1008)
     max_batch_tokens: int = 4096
 
     def __post_init__(self):
@@ -57,21 +63,28 @@ class Buckets:
     def length(self, tokens: int) -> int:
         return next(t for t in self.num_tokens if t >= tokens)
 
-    def encode_window(self, config: LosatokConfig) -> int:
-        """Tokens per window of a long clip: whole semantic chunks, within the largest bucket."""
+    def encode_lengths(self, config: LosatokConfig) -> tuple[int, ...]:
+        """Row lengths for encoding: the buckets shorter than a semantic chunk, and the chunk."""
         chunk = config.semantic.chunk_tokens
-        if self.max_tokens < chunk:
-            raise ValueError(f"the largest length bucket ({self.max_tokens} tokens) must hold a "
-                             f"semantic chunk ({chunk} tokens)")
-        return self.max_tokens // chunk * chunk
+        return tuple(t for t in self.num_tokens if t < chunk) + (chunk,)
 
-    def decode_window(self, config: LosatokConfig) -> int:
-        """Central tokens per window of a long latent sequence; a halo fills the rest."""
-        central = self.max_tokens - 2 * decoder_halo(config)
-        if central < 1:
-            raise ValueError(f"the largest length bucket ({self.max_tokens} tokens) must exceed "
-                             f"twice the decoder halo ({decoder_halo(config)} tokens)")
-        return central
+    def encode_length(self, config: LosatokConfig, tokens: int) -> int:
+        return next(t for t in self.encode_lengths(config) if t >= tokens)
+
+    def batch_groups(self, items: Sequence, tokens: int, num_devices: int = 1) -> Iterator[
+            tuple[Sequence, int]]:
+        """(items, batch size) groups of rows of `tokens` tokens: the largest batch bucket that
+        the remaining rows fill and the token budget allows, so only the last group can hold
+        filler (when no bucket matches what is left). Sizes count rows over `num_devices`."""
+        sizes = [b for b in self.batch_sizes if b <= self.max_batch(tokens)]
+        start = 0
+        while start < len(items):
+            left = len(items) - start
+            full = [b for b in sizes if b * num_devices <= left]
+            size = (full[-1] if full else next((b for b in sizes if b * num_devices >= left),
+                                                sizes[-1])) * num_devices
+            yield items[start:start + size], size
+            start += size
 
 
 DEFAULT_BUCKETS = Buckets()
@@ -84,19 +97,12 @@ def decoder_halo(config: LosatokConfig) -> int:
     return math.ceil(frames / config.upsample_tokens)
 
 
-def row_samples(config: LosatokConfig, tokens: int) -> int:
-    """Samples in a row of `tokens` tokens: room for any clip that has at most that many."""
-    return config.samples_per_token * tokens + config.samples_per_token - config.hop_length - 1
-
-
 def window_buffer(config: LosatokConfig, clip: np.ndarray, start_token: int,
                   window: int) -> np.ndarray:
     """The reflect-padded samples that `window` tokens from `start_token` read, plus the 3
     trailing frames a clip's last window may hold: (window_frames - 1) · hop + 2 · pad samples."""
-    pad = config.front_end_pad
-    begin = start_token * config.samples_per_token - pad
-    length = (window_frames(config, window) - 1) * config.hop_length + 2 * pad
-    index = np.abs(np.arange(begin, begin + length))
+    begin = start_token * config.samples_per_token - config.front_end_pad
+    index = np.abs(np.arange(begin, begin + window_samples(config, window)))
     last = len(clip) - 1
     index = np.where(index > last, 2 * last - index, index)
     return clip[np.clip(index, 0, last)]
@@ -104,6 +110,10 @@ def window_buffer(config: LosatokConfig, clip: np.ndarray, start_token: int,
 
 def window_frames(config: LosatokConfig, window: int) -> int:
     return window * config.frames_per_token + config.frames_per_token - 1
+
+
+def window_samples(config: LosatokConfig, window: int) -> int:
+    return (window_frames(config, window) - 1) * config.hop_length + 2 * config.front_end_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +128,25 @@ class Piece:
     stop: int = 0
 
 
-def batches(items: Sequence, size: int) -> Iterator[Sequence]:
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def encode_pieces(config: LosatokConfig, clip: int, tokens: int) -> list["Piece"]:
+    """A clip of `tokens` tokens as consecutive semantic-chunk windows (the last may be short)."""
+    chunk = config.semantic.chunk_tokens
+    return [Piece(clip, start, min(chunk, tokens - start)) for start in range(0, tokens, chunk)]
+
+
+def decode_pieces(config: LosatokConfig, buckets: Buckets, clip: int, tokens: int) -> list["Piece"]:
+    """A latent sequence as windows of at most the largest bucket, halo included: each window
+    outputs the tokens whose receptive field it holds whole. Windows are as long as allowed
+    except the last, which holds just the rest, so it can take a shorter bucket."""
+    halo, longest = decoder_halo(config), buckets.max_tokens
+    if longest <= 2 * halo:
+        raise ValueError(f"the largest length bucket ({longest} tokens) must exceed twice the "
+                         f"decoder halo ({halo} tokens)")
+    pieces, start = [], 0
+    while True:
+        source = max(0, start - halo)
+        if tokens - source <= longest:
+            return pieces + [Piece(clip, start, tokens - start, source, tokens)]
+        stop = source + longest
+        pieces.append(Piece(clip, start, stop - halo - start, source, stop))
+        start = stop - halo

@@ -296,6 +296,8 @@ def run(args) -> Progress:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from losatok_jax._batching import DEFAULT_BUCKETS
+
     parser = argparse.ArgumentParser(prog="python -m losatok_jax.extract",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--model_path", required=True, help="converted checkpoint directory")
@@ -305,9 +307,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="storage dtype of the features")
     parser.add_argument("--batch_size", type=int, default=8, help="clips per device per batch")
-    parser.add_argument("--buckets", default="32,64,128,256,512,1008",
-                        help="length buckets in tokens (25 per second); the largest is also "
-                             "the window for longer clips")
+    parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS.num_tokens)),
+                        help="length buckets in tokens (25 per second); encoding uses those "
+                             "below one semantic chunk (252) and the chunk")
     parser.add_argument("--sample", action="store_true", help="store sampled z, not z = mu")
     parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
     parser.add_argument("--shard_size", type=int, default=1000, help="records per shard")

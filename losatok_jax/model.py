@@ -162,15 +162,6 @@ def _noise_for(model, rng, clip_ids, token_offsets, num_tokens):
     return _token_noise(rng, clip_ids, token_offsets, num_tokens, model.config.decoder_dim)
 
 
-@functools.partial(jax.jit, static_argnames="keys")
-def _encode_rows(model: Losatok, rng, rows, num_samples, noise_ids, keys=FEATURE_KEYS):
-    """Clips in rows of filler (one compiled program per row shape)."""
-    noise = _noise_for(model, rng, noise_ids, jnp.zeros_like(noise_ids),
-                       model.config.num_tokens(rows.shape[1]))
-    features = model.apply(rows, num_samples, noise, method="encode")
-    return {key: features[key] for key in keys}
-
-
 @jax.jit
 def _window_peaks(model: Losatok, buffers, valid_frames):
     num_frames = _batching.window_frames(model.config, _window_tokens(model.config, buffers))
@@ -215,71 +206,60 @@ class Runner:
         """program(model, *shared, *batched, **static) with host (numpy) results."""
         return jax.device_get(program(self.model, *shared, *batched, **static))
 
-    def batch_size(self, buckets: Buckets, pieces: int) -> int:
-        per_device = -(-pieces // self.num_devices)
-        return buckets.batch_size(per_device) * self.num_devices
-
-    def max_batch(self, buckets: Buckets, tokens: int) -> int:
-        return buckets.max_batch(tokens) * self.num_devices
-
 
 def _encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
                   keys: tuple[str, ...], noise_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
-    """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim)."""
+    """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim).
+
+    Every clip is cut into semantic-chunk windows (`_batching.encode_pieces`); a window's row is
+    the shortest encode length that holds it. Clips of several windows get their spectrogram
+    peak from a first pass over their windows, so the 120 dB floor follows the whole clip.
+    """
     c = runner.model.config
     tokens = [c.num_tokens(len(clip)) for clip in clips]
-    outputs = _Outputs(tokens)
-    whole = [i for i in range(len(clips)) if tokens[i] <= buckets.max_tokens]
-    by_length: dict[int, list[int]] = {}
-    for i in whole:
-        by_length.setdefault(buckets.length(tokens[i]), []).append(i)
-    for length, members in sorted(by_length.items()):
-        width = _batching.row_samples(c, length)
-        for group in _batching.batches(members, runner.max_batch(buckets, length)):
-            rows = np.zeros((runner.batch_size(buckets, len(group)), width), np.float32)
-            num_samples = np.full(len(rows), width, np.int32)
-            for r, i in enumerate(group):
-                rows[r, :len(clips[i])] = clips[i]
-                num_samples[r] = len(clips[i])
-            out = runner.run(_encode_rows, (rng,),
-                             (rows, num_samples, _padded_ids(noise_ids, group, len(rows))),
-                             keys=keys)
-            for r, i in enumerate(group):
-                outputs.place(i, 0, {k: out[k][r, :tokens[i]] for k in keys})
-
-    window = buckets.encode_window(c)
-    pieces = [_batching.Piece(i, s, min(window, tokens[i] - s))
-              for i in range(len(clips)) if tokens[i] > buckets.max_tokens
-              for s in range(0, tokens[i], window)]
-
-    def window_batches():
-        frames = _batching.window_frames(c, window)
-        for group in _batching.batches(pieces, runner.max_batch(buckets, window)):
-            size = runner.batch_size(buckets, len(group))
-            buffers = np.stack([_batching.window_buffer(c, clips[p.clip], p.start, window)
-                                for p in group])
-            buffers = np.pad(buffers, ((0, size - len(group)), (0, 0)))
-            valid = np.array([min(1 + len(clips[p.clip]) // c.hop_length
-                                  - p.start * c.frames_per_token, frames) for p in group]
-                             + [frames] * (size - len(group)), np.int32)
-            yield group, buffers, valid
-
-    peaks = np.full(len(clips), -np.inf, np.float32)
-    for group, buffers, valid in window_batches():  # first pass: each long clip's peak
+    pieces = [p for i in range(len(clips)) for p in _batching.encode_pieces(c, i, tokens[i])]
+    peaks = np.full(len(clips), -np.inf, np.float32)  # -inf: the window's own peak is the clip's
+    several = [p for p in pieces if tokens[p.clip] > p.count]
+    chunk = c.semantic.chunk_tokens
+    for group, size in buckets.batch_groups(several, chunk, runner.num_devices):
+        buffers, valid = _window_rows(c, clips, group, chunk, size)
         window_peak = runner.run(_window_peaks, (), (buffers, valid))
         for r, p in enumerate(group):
             peaks[p.clip] = max(peaks[p.clip], window_peak[r])
-    for group, buffers, valid in window_batches():
-        size = len(buffers)
-        clip_peaks = np.array([peaks[p.clip] for p in group] + [0.0] * (size - len(group)),
-                              np.float32)
-        starts = np.array([p.start for p in group] + [0] * (size - len(group)), np.int32)
-        ids = _padded_ids(noise_ids, [p.clip for p in group], size)
-        out = runner.run(_encode_windows, (rng,), (buffers, valid, clip_peaks, ids, starts),
-                         keys=keys)
-        for r, p in enumerate(group):
-            outputs.place(p.clip, p.start, {k: out[k][r, :p.count] for k in keys})
+    outputs = _Outputs(tokens)
+    for length, members in _by_length(pieces, lambda p: buckets.encode_length(c, p.count)):
+        for group, size in buckets.batch_groups(members, length, runner.num_devices):
+            buffers, valid = _window_rows(c, clips, group, length, size)
+            filler = [0] * (size - len(group))
+            clip_peaks = np.array([peaks[p.clip] for p in group] + filler, np.float32)
+            starts = np.array([p.start for p in group] + filler, np.int32)
+            ids = _padded_ids(noise_ids, [p.clip for p in group], size)
+            out = runner.run(_encode_windows, (rng,), (buffers, valid, clip_peaks, ids, starts),
+                             keys=keys)
+            for r, p in enumerate(group):
+                outputs.place(p.clip, p.start, {k: out[k][r, :p.count] for k in keys})
     return outputs.arrays
+
+
+def _by_length(pieces, row_length) -> list[tuple[int, list]]:
+    """Pieces grouped by the row length each needs, shortest first."""
+    groups: dict[int, list] = {}
+    for p in pieces:
+        groups.setdefault(row_length(p), []).append(p)
+    return sorted(groups.items())
+
+
+def _window_rows(config: LosatokConfig, clips, group, window: int, size: int):
+    """A batch of `size` rows of `window`-token buffers for the pieces in `group` (the rest are
+    zero filler), and each row's count of real frames."""
+    frames = _batching.window_frames(config, window)
+    buffers = np.zeros((size, _batching.window_samples(config, window)), np.float32)
+    valid = np.full(size, frames, np.int32)
+    for r, p in enumerate(group):
+        buffers[r] = _batching.window_buffer(config, clips[p.clip], p.start, window)
+        valid[r] = min(1 + len(clips[p.clip]) // config.hop_length
+                       - p.start * config.frames_per_token, frames)
+    return buffers, valid
 
 
 def _padded_ids(noise_ids: Sequence[int], members: Sequence[int], size: int) -> np.ndarray:
@@ -306,24 +286,12 @@ class _Outputs:
 def _decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets) -> list[np.ndarray]:
     """Decodes (T_i, D) latent sequences of any lengths; returns (640 · T_i,) audio each."""
     c = runner.model.config
-    halo = _batching.decoder_halo(c)
-    central = buckets.decode_window(c)
-    pieces = []
-    for i, z in enumerate(latents):
-        if len(z) <= buckets.max_tokens:
-            pieces.append(_batching.Piece(i, 0, len(z), 0, len(z)))
-        else:
-            pieces += [_batching.Piece(i, s, min(central, len(z) - s), max(0, s - halo),
-                                       min(len(z), s + central + halo))
-                       for s in range(0, len(z), central)]
-    by_length: dict[int, list[_batching.Piece]] = {}
-    for p in pieces:
-        by_length.setdefault(buckets.length(p.stop - p.source), []).append(p)
+    pieces = [p for i, z in enumerate(latents)
+              for p in _batching.decode_pieces(c, buckets, i, len(z))]
     hop = c.samples_per_token
     outputs = _Outputs([len(z) * hop for z in latents])
-    for length, members in sorted(by_length.items()):
-        for group in _batching.batches(members, runner.max_batch(buckets, length)):
-            size = runner.batch_size(buckets, len(group))
+    for length, members in _by_length(pieces, lambda p: buckets.length(p.stop - p.source)):
+        for group, size in buckets.batch_groups(members, length, runner.num_devices):
             rows = np.zeros((size, length, c.decoder_dim), np.float32)
             num_tokens = np.full(size, length, np.int32)
             for r, p in enumerate(group):
@@ -347,23 +315,23 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
     c = model.config
     spec = jax.ShapeDtypeStruct
     rng = jax.random.key(0) if sample else None
-    window = buckets.encode_window(c)
-    window_samples = (_batching.window_frames(c, window) - 1) * c.hop_length + 2 * c.front_end_pad
     keys = _feature_keys(features)
+    chunk = c.semantic.chunk_tokens
     lowered = []
     for b in buckets.batch_sizes:
         ints, floats = spec((b,), jnp.int32), spec((b,), jnp.float32)
-        if b <= buckets.max_batch(window):
-            lowered += [_window_peaks.lower(model, spec((b, window_samples), jnp.float32), ints),
-                        _encode_windows.lower(model, rng, spec((b, window_samples), jnp.float32),
-                                              ints, floats, ints, ints, keys=keys)]
-        for k in (k for k in buckets.num_tokens if b <= buckets.max_batch(k)):
-            lowered.append(_encode_rows.lower(
-                model, rng, spec((b, _batching.row_samples(c, k)), jnp.float32), ints, ints,
-                keys=keys))
-            if decode_too:
-                lowered.append(_decode_rows.lower(model, spec((b, k, c.decoder_dim), jnp.float32),
-                                                  ints))
+
+        def buffers(window):
+            return spec((b, _batching.window_samples(c, window)), jnp.float32)
+
+        if b <= buckets.max_batch(chunk):
+            lowered.append(_window_peaks.lower(model, buffers(chunk), ints))
+        for k in (k for k in buckets.encode_lengths(c) if b <= buckets.max_batch(k)):
+            lowered.append(_encode_windows.lower(model, rng, buffers(k), ints, floats, ints, ints,
+                                                 keys=keys))
+        for k in (k for k in buckets.num_tokens if decode_too and b <= buckets.max_batch(k)):
+            lowered.append(_decode_rows.lower(model, spec((b, k, c.decoder_dim), jnp.float32),
+                                              ints))
     for program in lowered:
         program.compile()
     return len(lowered)

@@ -1,8 +1,9 @@
 """Any length, any batch: padded batches, streaming windows and bounded compilation.
 
 The reference for "a clip processed alone" is the unbucketed, unwindowed model: one jitted call on
-exactly that clip's samples (or latents). Small buckets make the 10-token semantic chunks and the
-64-token windows of the tiny golden model exercise every path in a few seconds.
+exactly that clip's samples (or latents). Small buckets make the 10-token semantic chunks (encode
+windows) and the 64-token decode windows of the tiny golden model exercise every path in a few
+seconds.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from hypothesis import strategies as st
 
 import losatok_jax
 from losatok_jax import Buckets, FEATURE_KEYS
-from losatok_jax._batching import decoder_halo
+from losatok_jax._batching import Piece, decode_pieces, decoder_halo, encode_pieces
 
-SMALL = Buckets(batch_sizes=(1, 2, 4), num_tokens=(16, 64))  # encode windows: 60 tokens
+# Encode rows: 4 tokens or one 10-token chunk; decode rows: 4, 16 or 64 tokens.
+SMALL = Buckets(batch_sizes=(1, 2, 4), num_tokens=(4, 16, 64))
 FEATURE_TOL = 1e-4
 AUDIO_TOL = 1e-5
 
@@ -59,9 +61,9 @@ def assert_features_close(actual, expected, tol=FEATURE_TOL):
         assert error <= tol, f"{key}: max|Δ| {error:.2e} > {tol:g}"
 
 
-# Lengths around the encode window (60 tokens = 38,400 samples), the 64-token bucket, a token
-# boundary ±1 sample, frame counts not divisible by 4, and several windows with a short tail.
-STREAMING_LENGTHS = [60 * 640 - 1, 60 * 640, 64 * 640 + 479, 64 * 640 + 480, 120 * 640 + 161,
+# Lengths around the encode window (10 tokens = 6,400 samples) and the 64-token decode window, a
+# token boundary ±1 sample, frame counts not divisible by 4, and many windows with a short tail.
+STREAMING_LENGTHS = [10 * 640 - 1, 10 * 640, 64 * 640 + 479, 64 * 640 + 480, 120 * 640 + 161,
                      181 * 640 + 333, 16000 * 20 + 7]
 
 
@@ -83,7 +85,7 @@ def test_decode_halo_is_needed(model):
     """The halo is not slack: without it, window seams differ from the whole decode."""
     z = alone(model, clip_of(150 * 640, seed=3))["z"]
     whole_audio = np.asarray(_whole_decode(model, z[None]))[0]
-    central = SMALL.decode_window(model.config)
+    central = SMALL.max_tokens - decoder_halo(model.config)  # the first window's outputs
     cut = np.asarray(_whole_decode(model, z[None, :central]))[0]
     seam_error = np.max(np.abs(cut[-640:] - whole_audio[central * 640 - 640:central * 640]))
     assert decoder_halo(model.config) > 0 and seam_error > 100 * AUDIO_TOL
@@ -172,7 +174,7 @@ class _CompileCounter(logging.Handler):
 def test_no_compilation_after_warmup(model):
     buckets = Buckets(batch_sizes=(1, 4), num_tokens=(32, 256))
     programs = losatok_jax.warmup(model, buckets, features=("z",))
-    assert programs == 2 * (2 + 2 * 2)
+    assert programs == 2 * (1 + 1 + 2)  # per batch size: peak pass, 10-token encode, 2 decodes
     counter = _CompileCounter()
     logger = logging.getLogger("jax")
     logger.addHandler(counter)
@@ -194,8 +196,38 @@ def test_no_compilation_after_warmup(model):
 def test_buckets_are_validated(model):
     with pytest.raises(ValueError, match="increasing"):
         Buckets(batch_sizes=(4, 2))
-    with pytest.raises(ValueError, match="semantic chunk"):
-        losatok_jax.encode(model, [clip_of(30000, 0)], buckets=Buckets(num_tokens=(8,)))
     with pytest.raises(ValueError, match="decoder halo"):
         losatok_jax.decode(model, [np.zeros((30, 16), np.float32)],
                            buckets=Buckets(num_tokens=(10,)))
+
+
+def test_encode_lengths_stop_at_the_chunk(model):
+    assert model.config.semantic.chunk_tokens == 10
+    assert SMALL.encode_lengths(model.config) == (4, 10)
+    assert Buckets(num_tokens=(32, 256)).encode_lengths(model.config) == (10,)
+    assert [(p.start, p.count) for p in encode_pieces(model.config, 0, 23)] == [
+        (0, 10), (10, 10), (20, 3)]
+
+
+@pytest.mark.parametrize("tokens", [1, 63, 64, 65, 121, 122, 123, 500])
+def test_decode_windows_cover_once_with_whole_halos(model, tokens):
+    halo = decoder_halo(model.config)
+    pieces = decode_pieces(model.config, SMALL, 0, tokens)
+    assert [p.start for p in pieces] == [0] + [p.start + p.count for p in pieces[:-1]]
+    assert pieces[-1].start + pieces[-1].count == tokens
+    for p in pieces:
+        assert p.stop - p.source <= SMALL.max_tokens
+        assert p.source == max(0, p.start - halo)
+        assert p.stop == min(tokens, p.start + p.count + halo)
+    assert all(p.stop - p.source == SMALL.max_tokens for p in pieces[:-1])  # only the last is short
+
+
+def test_batch_groups_put_filler_only_in_the_last_group():
+    buckets = Buckets(batch_sizes=(1, 2, 4, 8), num_tokens=(16, 64), max_batch_tokens=256)
+    sizes = [size for _, size in buckets.batch_groups(list(range(7)), 16)]
+    assert sizes == [4, 2, 1]  # 7 rows as 4 + 2 + 1, not 8 with one row of filler
+    assert [size for _, size in buckets.batch_groups(list(range(12)), 64)] == [4, 4, 4]  # budget
+    groups = list(buckets.batch_groups(list(range(5)), 16, num_devices=2))
+    assert [(len(g), size) for g, size in groups] == [(4, 4), (1, 2)]  # one row per device min
+    odd = Buckets(batch_sizes=(4,), num_tokens=(16,))
+    assert [(len(g), size) for g, size in odd.batch_groups(list(range(6)), 16)] == [(4, 4), (2, 4)]

@@ -59,5 +59,7 @@ def test_flop_count_at_full_size():
     blocks = 32 * (24 * tokens * 1280**2 + 4 * tokens**2 * 1280)
     assert run.encode_flops(config, ten_seconds) == pytest.approx(blocks, rel=0.02)
     assert run.decode_flops(config, tokens) / tokens == pytest.approx(0.683e9, rel=0.01)
-    assert run.jax_tokens_computed(config, "encode", 25) == 32
-    assert run.jax_tokens_computed(config, "encode", 1500) == 2016
+    assert run.jax_tokens_computed(config, "encode", 25) == 25
+    assert run.jax_tokens_computed(config, "encode", 300) == 252 + 50
+    assert run.jax_tokens_computed(config, "encode", 1500) == 6 * 252
+    assert run.jax_tokens_computed(config, "decode", 1500) == 1008 + 640  # 514 + 22 halo -> 640
