@@ -33,3 +33,15 @@ def test_grain_pipeline_example_runs(golden_checkpoint, tmp_path):
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["batch"]["z"].shape == (4, namespace["TOKENS"], 16)
     assert namespace["batch"]["mask"].dtype == bool
+
+
+def test_readme_shows_the_latest_cpu_table():
+    """The README's performance table is the one `benchmarks.run` last wrote, row for row."""
+    results = README.parent / "benchmarks" / "results" / "cpu.md"
+    rows = []
+    for line in results.read_text().splitlines():
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            break
+    assert len(rows) > 2 and "\n".join(rows) in README.read_text()
