@@ -57,9 +57,6 @@ class Buckets:
     def max_tokens(self) -> int:
         return self.num_tokens[-1]
 
-    def batch_size(self, n: int) -> int:
-        return next(b for b in self.batch_sizes if b >= n)
-
     def length(self, tokens: int) -> int:
         return next(t for t in self.num_tokens if t >= tokens)
 
@@ -128,13 +125,13 @@ class Piece:
     stop: int = 0
 
 
-def encode_pieces(config: LosatokConfig, clip: int, tokens: int) -> list["Piece"]:
+def encode_pieces(config: LosatokConfig, clip: int, tokens: int) -> list[Piece]:
     """A clip of `tokens` tokens as consecutive semantic-chunk windows (the last may be short)."""
     chunk = config.semantic.chunk_tokens
     return [Piece(clip, start, min(chunk, tokens - start)) for start in range(0, tokens, chunk)]
 
 
-def decode_pieces(config: LosatokConfig, buckets: Buckets, clip: int, tokens: int) -> list["Piece"]:
+def decode_pieces(config: LosatokConfig, buckets: Buckets, clip: int, tokens: int) -> list[Piece]:
     """A latent sequence as windows of at most the largest bucket, halo included: each window
     outputs the tokens whose receptive field it holds whole. Windows are as long as allowed
     except the last, which holds just the rest, so it can take a shorter bucket."""

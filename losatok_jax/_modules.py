@@ -254,18 +254,15 @@ class AudioVAE(nn.Module):
         self.fc_mu = nn.Dense(c.decoder_dim)
         self.fc_logvar = nn.Dense(c.decoder_dim)
 
-    def encode(self, audio, num_samples=None, noise=None):
-        """(B, N) clips -> the nine upstream features plus both log-mels (time-major).
-
-        Row b holds a clip of `num_samples[b]` samples (default: all N) followed by filler; every
-        output for it equals encoding that clip alone. `noise` (B, T, D) standard normal draws
-        sample z = mu + noise · exp(logvar / 2); None gives z = mu.
+    def encode(self, audio, noise=None):
+        """(B, N) clips, each N samples long -> the nine upstream features plus both log-mels
+        (time-major). `noise` (B, T, D) standard normal draws sample
+        z = mu + noise · exp(logvar / 2); None gives z = mu. (Clips of other lengths go through
+        `encode_padded`, as `losatok_jax.encode` does.)
         """
         c = self.config
-        padded = spectral.reflect_pad(audio, c.front_end_pad, num_samples)
-        num_frames = 1 + audio.shape[1] // c.hop_length
-        valid_frames = None if num_samples is None else 1 + num_samples // c.hop_length
-        return self.encode_padded(padded, num_frames, valid_frames, noise)
+        padded = spectral.reflect_pad(audio, c.front_end_pad)
+        return self.encode_padded(padded, 1 + audio.shape[1] // c.hop_length, None, noise)
 
     def _front_ends(self, padded, num_frames: int):
         """Power spectrograms of both branches from one buffer padded by `front_end_pad`."""

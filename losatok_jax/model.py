@@ -395,7 +395,7 @@ def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None
         clip_ids = jnp.asarray(noise_ids, jnp.int32)
         noise = _noise_for(model, rng, clip_ids, jnp.zeros_like(clip_ids),
                            model.config.num_tokens(batch.shape[1]))
-        out = model.apply(batch, None, noise, method="encode")
+        out = model.apply(batch, noise, method="encode")
         return {key: out[key] for key in keys}
     per_clip = _encode_clips(runner, list(batch), rng, buckets, keys, noise_ids)
     return {key: np.stack([f[key] for f in per_clip]) for key in keys}

@@ -55,21 +55,10 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float,
     return np.maximum(np.float32(0.0), np.minimum(rising, falling)).astype(np.float32)
 
 
-def reflect_pad(audio: jax.Array, pad: int, num_samples: jax.Array | None = None) -> jax.Array:
-    """Reflect-pads each row at its own ends: (B, N) -> (B, N + 2·pad).
-
-    Row b holds a clip of `num_samples[b]` samples followed by filler; its right padding mirrors
-    the clip's own tail (edge sample excluded, as numpy/torch "reflect"), never the filler.
-    Positions past a short row's padding repeat its last mirrored sample and are never read.
-    """
-    length = audio.shape[-1]
-    if num_samples is None:
-        return jnp.pad(audio, ((0, 0), (pad, pad)), mode="reflect")
-    position = jnp.arange(-pad, length + pad)[None, :]
-    last = num_samples[:, None] - 1
-    source = jnp.abs(position)
-    source = jnp.where(source > last, 2 * last - source, source)
-    return jnp.take_along_axis(audio, jnp.clip(source, 0, length - 1), axis=-1)
+def reflect_pad(audio: jax.Array, pad: int) -> jax.Array:
+    """(B, N) -> (B, N + 2·pad), mirrored at both ends without the edge sample (numpy/torch
+    "reflect")."""
+    return jnp.pad(audio, ((0, 0), (pad, pad)), mode="reflect")
 
 
 def power_spectrogram(padded: jax.Array, *, n_fft: int, hop: int, num_frames: int,

@@ -185,7 +185,7 @@ def training_loss(trainable, frozen, audio: jax.Array, noise_keys: jax.Array, *,
     num_tokens = config.num_tokens(audio.shape[1])
     noise = jax.vmap(lambda key: jax.random.normal(key, (num_tokens, config.decoder_dim)))(
         noise_keys)
-    features = module.apply(variables, audio, None, noise, method="encode")
+    features = module.apply(variables, audio, noise, method="encode")
     recon = module.apply(variables, features["z"], method="decode")
     length = min(recon.shape[1], audio.shape[1])
     recon, target = recon[:, :length], audio[:, :length]
