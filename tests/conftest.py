@@ -141,3 +141,15 @@ def model_from_state_dict(tmp_path_factory):
 def golden_vectors():
     """case -> the arrays of its vectors.npz."""
     return {case: dict(np.load(GOLDEN_DIR / case / "vectors.npz")) for case in GOLDEN_CASES}
+
+
+@pytest.fixture(scope="session")
+def checkpoint(golden_checkpoint):
+    """The tiny_chunk40 golden model converted: the default checkpoint of the CLI tests."""
+    return golden_checkpoint("tiny_chunk40")
+
+
+@pytest.fixture(scope="session")
+def model(golden_model):
+    """The tiny_chunk40 golden model loaded: the default model of the API tests."""
+    return golden_model("tiny_chunk40")

@@ -24,11 +24,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model(golden_model):
-    return golden_model("tiny_chunk40")
-
-
-@pytest.fixture(scope="module")
 def audio():
     return broadband_audio(BATCH, NUM_SAMPLES, seed=7)
 

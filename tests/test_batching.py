@@ -27,11 +27,6 @@ FEATURE_TOL = 1e-4
 AUDIO_TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def model(golden_model):
-    return golden_model("tiny_chunk40")
-
-
 @jax.jit
 def _whole_encode(model, audio):
     return model.apply(audio, method="encode")

@@ -18,11 +18,6 @@ from losatok_jax._modules import LOW_PRECISION_SCOPES
 
 
 @pytest.fixture(scope="module")
-def model(golden_model):
-    return golden_model("tiny_chunk40")
-
-
-@pytest.fixture(scope="module")
 def model16(model):
     return model.astype("bfloat16")
 

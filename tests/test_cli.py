@@ -37,16 +37,6 @@ def cli():
     return main
 
 
-@pytest.fixture(scope="module")
-def checkpoint(golden_checkpoint):
-    return golden_checkpoint("tiny_chunk40")
-
-
-@pytest.fixture(scope="module")
-def model(golden_model):
-    return golden_model("tiny_chunk40")
-
-
 def run_cli(main, *args) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of one in-process CLI run."""
     out, err = io.StringIO(), io.StringIO()

@@ -34,16 +34,6 @@ def _env(**extra) -> dict:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(golden_checkpoint):
-    return golden_checkpoint("tiny_chunk40")
-
-
-@pytest.fixture(scope="module")
-def model(golden_model):
-    return golden_model("tiny_chunk40")
-
-
-@pytest.fixture(scope="module")
 def audio_folder(tmp_path_factory) -> Path:
     """Varied lengths, sample rates and channel counts in wav/flac/ogg/mp3, a nested folder, one
     corrupt file, one empty file and one too short to encode."""
