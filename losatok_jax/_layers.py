@@ -33,7 +33,7 @@ def compute_dtype(dtype) -> Dtype:
     return jnp.dtype(dtype)
 
 
-def layer_norm(epsilon: float, name: str, dtype: Dtype = None) -> nn.LayerNorm:
+def layer_norm(epsilon: float, name: str | None = None, dtype: Dtype = None) -> nn.LayerNorm:
     """LayerNorm with two-pass variance, as PyTorch computes it; statistics always in float32
     (Flax promotes them), output in `dtype`."""
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=dtype, name=name)

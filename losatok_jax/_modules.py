@@ -21,6 +21,7 @@ the FLOPs. So every returned feature and the audio are float32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -38,6 +39,37 @@ from losatok_jax.config import LosatokConfig, SemanticEncoderConfig
 LOW_PRECISION_SCOPES = (("semantic_encoder", "encoder", "blocks"),
                         ("dasheng_tokenizer", "decoder", "backbone"),
                         ("dasheng_tokenizer", "decoder", "head"))
+
+
+def semantic_block(config: SemanticEncoderConfig, dtype=None) -> TransformerBlock:
+    """One layer of the semantic encoder's transformer."""
+    return TransformerBlock(config.num_heads, config.mlp_dim, config.qkv_bias, config.init_values,
+                            dtype)
+
+
+def decoder_block(config: LosatokConfig, dtype=None) -> ConvNeXtBlock:
+    """One ConvNeXt layer of the Vocos backbone."""
+    return ConvNeXtBlock(config.decoder_intermediate_size, 1.0 / config.decoder_depth, dtype)
+
+
+def stacked(block: nn.Module, depth: int) -> nn.Module:
+    """`block` applied `depth` times: an `nn.scan` over parameters stacked on a leading axis, its
+    second argument (a mask) broadcast to every layer. Compile time does not grow with depth."""
+    fields = {f.name: getattr(block, f.name) for f in dataclasses.fields(block)
+              if f.init and f.name not in ("parent", "name")}
+    return nn.scan(type(block), variable_axes={"params": 0}, split_rngs={"params": True},
+                   in_axes=nn.broadcast, length=depth)(**fields)
+
+
+# Each stack of layers: where its parameters are, and its single layer. Under jit the stacks run as
+# `stacked` scans; a caller holding each layer's weights as separate arrays can instead run one
+# jitted layer per weight set (the CPU `Runner` in `losatok_jax.model` does: on CPU XLA copies
+# every sliced layer out of the stacked weights, which dominates at short inputs).
+LAYER_STACKS = {
+    "semantic": (("semantic_encoder", "encoder", "blocks"),
+                 lambda config, dtype: semantic_block(config.semantic, dtype)),
+    "decoder": (("dasheng_tokenizer", "decoder", "backbone", "convnext"), decoder_block),
+}
 
 
 class FrozenBatchNorm(nn.Module):
@@ -81,32 +113,41 @@ class AudioTransformer(nn.Module):
     Tokens are cut into chunks of `chunk_tokens`; each chunk restarts the time positions and
     attends only within itself. All chunks run as one batch; `token_mask` (B, T) keeps padding
     (a short last chunk, or a clip shorter than its batch) out of every real token's attention.
+    It runs in three stages, `stem` (log-mel to chunks), `blocks` and `finish`, so that a caller
+    holding per-layer weights can run the blocks one layer at a time (see `LAYER_STACKS`).
     """
 
     config: SemanticEncoderConfig
     dtype: Any = None  # of the transformer blocks; the residual stream stays float32
 
-    @nn.compact
-    def __call__(self, log_mel, token_mask):  # (B, F, n_mels), (B, T) -> (B, T, E)
+    def setup(self):
         c = self.config
-        x = FrozenBatchNorm(name="init_bn")(log_mel)
-        x = PatchEmbed(c.embed_dim, c.frames_per_token, name="patch_embed")(x)
+        self.init_bn = FrozenBatchNorm()
+        self.patch_embed = PatchEmbed(c.embed_dim, c.frames_per_token)
+        init = nn.initializers.normal(0.02)
+        self.time_pos_embed = self.param("time_pos_embed", init, (c.chunk_tokens, c.embed_dim))
+        self.freq_pos_embed = self.param("freq_pos_embed", init, (c.embed_dim,))
+        self.blocks = stacked(semantic_block(c, self.dtype), c.depth)
+        self.norm = layer_norm(1e-6)
+
+    def stem(self, log_mel, token_mask):
+        """(B, F, n_mels), (B, T) -> chunks (B · num_chunks, L, E) with positions added, chunk_mask (B · num_chunks, L)."""
+        c = self.config
+        x = self.patch_embed(self.init_bn(log_mel))
         batch, num_tokens, width = x.shape
         chunk = min(c.chunk_tokens, num_tokens)
         num_chunks = math.ceil(num_tokens / chunk)
         pad = num_chunks * chunk - num_tokens
         x = jnp.pad(x, ((0, 0), (0, pad), (0, 0))).reshape(batch * num_chunks, chunk, width)
         mask = jnp.pad(token_mask, ((0, 0), (0, pad))).reshape(batch * num_chunks, chunk)
-        init = nn.initializers.normal(0.02)
-        time_pos = self.param("time_pos_embed", init, (c.chunk_tokens, width))
-        freq_pos = self.param("freq_pos_embed", init, (width,))
-        x = x + time_pos[:chunk] + freq_pos
-        blocks = nn.scan(TransformerBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=nn.broadcast, length=c.depth)
-        x, _ = blocks(c.num_heads, c.mlp_dim, c.qkv_bias, c.init_values, self.dtype,
-                      name="blocks")(x, mask)
-        x = layer_norm(1e-6, "norm")(x)
-        return x.reshape(batch, num_chunks * chunk, width)[:, :num_tokens]
+        return x + self.time_pos_embed[:chunk] + self.freq_pos_embed, mask
+
+    def finish(self, chunks, num_tokens: int):
+        """The blocks' output chunks -> (B, T, E) after the final norm."""
+        x = self.norm(chunks)
+        chunk, width = x.shape[1:]
+        batch = x.shape[0] // math.ceil(num_tokens / chunk)
+        return x.reshape(batch, -1, width)[:, :num_tokens]
 
 
 class BottleneckMLP(nn.Module):
@@ -138,11 +179,6 @@ class SemanticEncoder(nn.Module):
     def setup(self):
         self.encoder = AudioTransformer(self.config.semantic, self.dtype)
         self.bottleneck = SemBo(self.config)
-
-    def __call__(self, log_mel, token_mask):
-        """(B, F, 64) floored dB log-mel -> emb (B, T, E), emb_low (B, T, D)."""
-        emb = self.encoder(log_mel, token_mask)
-        return emb, self.bottleneck.downsample(emb)
 
     def sembo_recon(self, emb):
         return self.bottleneck.upsample(self.bottleneck.downsample(emb))
@@ -176,20 +212,24 @@ class ConvTranspose1d(nn.Module):
 
 
 class VocosBackbone(nn.Module):
+    """Embedding conv and norm (`stem`), ConvNeXt blocks (`convnext`), final norm (`finish`):
+    stages for the same reason as `AudioTransformer`'s."""
+
     config: LosatokConfig
     dtype: Any = None  # of the convolutions and ConvNeXt blocks; the residual stream stays float32
 
-    @nn.compact
-    def __call__(self, x, keep):  # (B, F, E), (B, F, 1) -> (B, F, C)
+    def setup(self):
         c = self.config
-        x = nn.Conv(c.decoder_embed_dim, (7,), padding=[(3, 3)], dtype=self.dtype,
-                    name="embed")(x * keep)
-        x = layer_norm(1e-6, "norm")(x)  # float32: the residual stream starts here
-        blocks = nn.scan(ConvNeXtBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=nn.broadcast, length=c.decoder_depth)
-        x, _ = blocks(c.decoder_intermediate_size, 1.0 / c.decoder_depth, self.dtype,
-                      name="convnext")(x, keep)
-        return layer_norm(1e-6, "final_layer_norm", self.dtype)(x)
+        self.embed = nn.Conv(c.decoder_embed_dim, (7,), padding=[(3, 3)], dtype=self.dtype)
+        self.norm = layer_norm(1e-6)  # float32: the residual stream starts here
+        self.convnext = stacked(decoder_block(c, self.dtype), c.decoder_depth)
+        self.final_layer_norm = layer_norm(1e-6, dtype=self.dtype)
+
+    def stem(self, x, keep):  # (B, F, E), (B, F, 1) -> (B, F, C)
+        return self.norm(self.embed(x * keep))
+
+    def finish(self, x):
+        return self.final_layer_norm(x)
 
 
 class ISTFTHead(nn.Module):
@@ -213,9 +253,6 @@ class VocosDecoder(nn.Module):
         self.backbone = VocosBackbone(self.config, self.dtype)
         self.head = ISTFTHead(self.config, self.dtype)
 
-    def __call__(self, x, keep):
-        return self.head(self.backbone(x, keep), keep)
-
 
 class DashengTokenizer(nn.Module):
     """Upstream's acoustic half: the acoustic encoder and the latent-to-audio decoder."""
@@ -228,11 +265,6 @@ class DashengTokenizer(nn.Module):
         self.encoder = AcousticEncoder(c)
         self.upsampler = ConvTranspose1d(c.embed_dim, c.upsample_tokens)
         self.decoder = VocosDecoder(c, self.dtype)
-
-    def decode(self, z, token_mask):
-        """(B, T, D), (B, T) -> (B, samples_per_token · T); masked tokens act as absent."""
-        keep = jnp.repeat(token_mask, self.config.upsample_tokens, axis=1)[..., None]
-        return self.decoder(self.upsampler(z), keep.astype(z.dtype))
 
 
 class AudioVAE(nn.Module):
@@ -291,6 +323,13 @@ class AudioVAE(nn.Module):
         `valid_frames` (B,) counts each row's real frames; `peak_db` (B,), if given, is a peak
         from frames outside this buffer (other windows of the same clip) that the floor must obey.
         """
+        stem = self.encode_stem(padded, num_frames, valid_frames, peak_db)
+        chunks = self.run_stack("semantic", stem["chunks"], stem["chunk_mask"])
+        return self.encode_finish(stem, chunks, noise)
+
+    def encode_stem(self, padded, num_frames: int, valid_frames=None, peak_db=None):
+        """`encode_padded` up to the semantic transformer blocks: both log-mels and the semantic
+        encoder's input chunks with their mask."""
         c = self.config
         semantic_db, acoustic_log_mel = self._front_ends(padded, num_frames)
         frame_mask = _frame_mask(valid_frames, semantic_db.shape[:2])
@@ -301,7 +340,17 @@ class AudioVAE(nn.Module):
         num_tokens = num_frames // c.frames_per_token
         token_mask = frame_mask[:, c.frames_per_token - 1:num_tokens * c.frames_per_token:
                                 c.frames_per_token]
-        semantic_emb, semantic_emb_low = self.semantic_encoder(semantic_log_mel, token_mask)
+        chunks, chunk_mask = self.semantic_encoder.encoder.stem(semantic_log_mel, token_mask)
+        return {"chunks": chunks, "chunk_mask": chunk_mask,
+                "semantic_log_mel": semantic_log_mel, "acoustic_log_mel": acoustic_log_mel}
+
+    def encode_finish(self, stem, chunks, noise=None):
+        """`encode_padded` after the semantic transformer blocks, whose output is `chunks`."""
+        c = self.config
+        acoustic_log_mel = stem["acoustic_log_mel"]
+        num_tokens = acoustic_log_mel.shape[1] // c.frames_per_token
+        semantic_emb = self.semantic_encoder.encoder.finish(chunks, num_tokens)
+        semantic_emb_low = self.semantic_encoder.bottleneck.downsample(semantic_emb)
         acoustic_emb = self.dasheng_tokenizer.encoder(acoustic_log_mel)
         acoustic_emb_low = self.fc_a(acoustic_emb)
         unified_emb_low = acoustic_emb_low + semantic_emb_low
@@ -314,13 +363,34 @@ class AudioVAE(nn.Module):
             "unified_emb": semantic_emb + acoustic_emb,
             "semantic_emb_low": semantic_emb_low, "acoustic_emb_low": acoustic_emb_low,
             "unified_emb_low": unified_emb_low,
-            "semantic_log_mel": semantic_log_mel, "acoustic_log_mel": acoustic_log_mel,
+            "semantic_log_mel": stem["semantic_log_mel"], "acoustic_log_mel": acoustic_log_mel,
         }
 
     def decode(self, z, num_tokens=None):
         """(B, T, D) -> (B, samples_per_token · T); row b's tokens past `num_tokens[b]` are absent:
         its audio equals decoding its first num_tokens[b] latents alone (then zeros)."""
-        return self.dasheng_tokenizer.decode(z, _frame_mask(num_tokens, z.shape[:2]))
+        x, keep = self.decode_stem(z, num_tokens)
+        return self.decode_finish(self.run_stack("decoder", x, keep), keep)
+
+    def decode_stem(self, z, num_tokens=None):
+        """`decode` up to the ConvNeXt blocks: their input (B, F, C) and the frame mask `keep`
+        (B, F, 1) that every later stage takes."""
+        token_mask = _frame_mask(num_tokens, z.shape[:2])
+        keep = jnp.repeat(token_mask, self.config.upsample_tokens, axis=1)[..., None]
+        keep = keep.astype(z.dtype)
+        tokenizer = self.dasheng_tokenizer
+        return tokenizer.decoder.backbone.stem(tokenizer.upsampler(z), keep), keep
+
+    def decode_finish(self, x, keep):
+        """`decode` after the ConvNeXt blocks, whose output is `x`."""
+        decoder = self.dasheng_tokenizer.decoder
+        return decoder.head(decoder.backbone.finish(x), keep)
+
+    def run_stack(self, name: str, x, mask):
+        """All layers of the `LAYER_STACKS` entry `name`, as one scan."""
+        if name == "semantic":
+            return self.semantic_encoder.encoder.blocks(x, mask)[0]
+        return self.dasheng_tokenizer.decoder.backbone.convnext(x, mask)[0]
 
     def sembo_recon(self, semantic_emb):
         return self.semantic_encoder.sembo_recon(semantic_emb)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import warnings
+import weakref
 from typing import Any, Sequence
 
 import flax.struct
@@ -19,7 +20,8 @@ import numpy as np
 
 from losatok_jax import _batching
 from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
-from losatok_jax._modules import LOW_PRECISION_SCOPES, AudioVAE
+from losatok_jax._layers import compute_dtype
+from losatok_jax._modules import LAYER_STACKS, LOW_PRECISION_SCOPES, AudioVAE
 from losatok_jax.config import LosatokConfig, load_config
 
 FEATURE_KEYS = ("z", "mu", "logvar", "semantic_emb", "acoustic_emb", "unified_emb",
@@ -168,15 +170,26 @@ def _window_peaks(model: Losatok, buffers, valid_frames):
     return model.apply(buffers, num_frames, valid_frames, method="semantic_peak_db")
 
 
+@jax.jit
+def _encode_stem(model: Losatok, buffers, valid_frames, peak_db):
+    num_frames = _batching.window_frames(model.config, _window_tokens(model.config, buffers))
+    return model.apply(buffers, num_frames, valid_frames, peak_db, method="encode_stem")
+
+
 @functools.partial(jax.jit, static_argnames="keys")
-def _encode_windows(model: Losatok, rng, buffers, valid_frames, peak_db, noise_ids, starts,
-                    keys=FEATURE_KEYS):
-    window = _window_tokens(model.config, buffers)
+def _encode_finish(model: Losatok, rng, stem, chunks, noise_ids, starts, keys):
+    window = stem["acoustic_log_mel"].shape[1] // model.config.frames_per_token
     noise = _noise_for(model, rng, noise_ids, starts, window)
-    num_frames = _batching.window_frames(model.config, window)
-    features = model.apply(buffers, num_frames, valid_frames, noise, peak_db,
-                           method="encode_padded")
+    features = model.apply(stem, chunks, noise, method="encode_finish")
     return {key: features[key] for key in keys}
+
+
+def _encode_windows(model: Losatok, rng, buffers, valid_frames, peak_db, noise_ids, starts,
+                    keys=FEATURE_KEYS, layers=None):
+    """Encodes a batch of window buffers (`_window_rows`); `layers` as `_run_stack` takes them."""
+    stem = _encode_stem(model, buffers, valid_frames, peak_db)
+    chunks = _run_stack(model, "semantic", layers, stem["chunks"], stem["chunk_mask"])
+    return _encode_finish(model, rng, stem, chunks, noise_ids, starts, keys)
 
 
 def _window_tokens(config: LosatokConfig, buffers) -> int:
@@ -186,24 +199,116 @@ def _window_tokens(config: LosatokConfig, buffers) -> int:
 
 
 @jax.jit
-def _decode_rows(model: Losatok, z, num_tokens):
-    return model.apply(z, num_tokens, method="decode")
+def _decode_stem(model: Losatok, z, num_tokens):
+    return model.apply(z, num_tokens, method="decode_stem")
+
+
+@jax.jit
+def _decode_finish(model: Losatok, x, keep):
+    return model.apply(x, keep, method="decode_finish")
+
+
+def _decode_rows(model: Losatok, z, num_tokens, layers=None):
+    """Decodes a batch of latent rows, row b's first num_tokens[b] tokens real."""
+    x, keep = _decode_stem(model, z, num_tokens)
+    return _decode_finish(model, _run_stack(model, "decoder", layers, x, keep), keep)
+
+
+# The programs whose stacked layers a Runner may run one layer at a time (`_run_stack`).
+_LAYERED_PROGRAMS = (_encode_windows, _decode_rows)
+
+
+@functools.partial(jax.jit, static_argnames="stack")
+def _scan_stack(model: Losatok, x, mask, stack: str):
+    return model.apply(stack, x, mask, method="run_stack")
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "stack"))
+def _apply_layer(weights, x, mask, *, config: LosatokConfig, dtype: str, stack: str):
+    _, layer = LAYER_STACKS[stack]
+    return layer(config, compute_dtype(dtype)).apply({"params": weights}, x, mask)[0]
+
+
+def _run_stack(model: Losatok, stack: str, layers, x, mask):
+    """The layers of `LAYER_STACKS[stack]`: one scan (`layers` None, as always inside a trace:
+    pmap or a caller's jit), or one `_apply_layer` call per layer on the separate per-layer
+    weights `layers[stack]` (`_per_layer_weights`), which spares XLA's CPU while loop its copy of
+    each layer's weights out of the stacked arrays (at 25 tokens, 40% of a transformer block's
+    time: `benchmarks/scan_overhead.py`)."""
+    if layers is None:
+        return _scan_stack(model, x, mask, stack)
+    for weights in layers[stack]:
+        x = _apply_layer(weights, x, mask, config=model.config, dtype=model.dtype, stack=stack)
+    return x
+
+
+def _params_on_host_cpu(model: Losatok) -> bool:
+    """Whether every parameter is a concrete array on one CPU device (or numpy)."""
+    def on_cpu(leaf):
+        if isinstance(leaf, np.ndarray):
+            return True
+        return (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+                and len(leaf.devices()) == 1 and next(iter(leaf.devices())).platform == "cpu")
+
+    return all(on_cpu(leaf) for leaf in jax.tree.leaves(model.params))
+
+
+def _stacked_weights(model: Losatok, stack: str):
+    tree = model.params
+    for key in LAYER_STACKS[stack][0]:
+        tree = tree[key]
+    return tree
+
+
+def _per_layer_weights(model: Losatok) -> dict[str, list] | None:
+    """Every stack's layers as separate arrays that share the stacked arrays' memory, or None
+    where they could not share it (parameters on an accelerator, sharded, or traced).
+
+    On CPU a numpy view of one layer of a stacked array goes through `jax.device_put` without a
+    copy (where it is 64-byte aligned, as every large kernel is), so this costs no memory. The
+    result is kept while `model` lives: `encode(model, ...)` makes a Runner per call.
+    """
+    if not _params_on_host_cpu(model):
+        return None
+    stacked = {stack: _stacked_weights(model, stack) for stack in LAYER_STACKS}
+    leaves = jax.tree.leaves(stacked)
+    cached = _PER_LAYER_CACHE.get(id(model))
+    if cached is None or not all(a is b for a, b in zip(cached[0], leaves)):
+        layers = {}
+        for stack, weights in stacked.items():
+            host = jax.tree.map(np.asarray, weights)
+            depth = len(jax.tree.leaves(host)[0])
+            layers[stack] = [jax.tree.map(lambda x, i=i: x[i], host) for i in range(depth)]
+        if cached is None:
+            weakref.finalize(model, _PER_LAYER_CACHE.pop, id(model), None)
+        _PER_LAYER_CACHE[id(model)] = cached = (leaves, jax.device_put(layers))
+    return cached[1]
+
+
+# id(model) -> (its stacked weight arrays, their per-layer arrays); an entry leaves with its model,
+# and is rebuilt if the model's parameter dict was changed in place.
+_PER_LAYER_CACHE: dict[int, tuple[list, dict[str, list]]] = {}
 
 
 class Runner:
     """Runs the bucketed programs on one device and brings results to the host.
 
-    `losatok_jax.parallel` has runners that spread each batch over several devices; batch
-    buckets are per device, so a batch holds `num_devices` times what one device takes.
+    With parameters on the CPU it runs each stack of layers as one jitted call per layer on
+    per-layer views of the stacked weights (`_per_layer_weights`); elsewhere as one scan.
+    `losatok_jax.parallel` has runners that spread each batch over several devices; batch buckets
+    are per device, so a batch holds `num_devices` times what one device takes.
     """
 
     num_devices = 1
 
     def __init__(self, model: Losatok):
         self.model = model
+        self.layers = _per_layer_weights(model)
 
     def run(self, program, shared: tuple, batched: tuple, **static):
         """program(model, *shared, *batched, **static) with host (numpy) results."""
+        if program in _LAYERED_PROGRAMS:
+            static["layers"] = self.layers
         return jax.device_get(program(self.model, *shared, *batched, **static))
 
 
@@ -317,6 +422,20 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
     rng = jax.random.key(0) if sample else None
     keys = _feature_keys(features)
     chunk = c.semantic.chunk_tokens
+    per_layer = _params_on_host_cpu(model)
+    first = jax.tree.leaves(model.params)[0]
+    device = next(iter(first.devices())) if isinstance(first, jax.Array) else jax.devices()[0]
+
+    def on_device(shapes):  # one program's outputs, as the next program receives them
+        sharding = jax.sharding.SingleDeviceSharding(device)
+        return jax.tree.map(lambda x: spec(x.shape, x.dtype, sharding=sharding), shapes)
+
+    def stack(name, x, mask):  # what `Runner(model)` will run for the stack
+        if not per_layer:
+            return _scan_stack.lower(model, x, mask, name)
+        layer = jax.tree.map(lambda w: spec(w.shape[1:], w.dtype), _stacked_weights(model, name))
+        return _apply_layer.lower(layer, x, mask, config=c, dtype=model.dtype, stack=name)
+
     lowered = []
     for b in buckets.batch_sizes:
         ints, floats = spec((b,), jnp.int32), spec((b,), jnp.float32)
@@ -327,11 +446,15 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
         if b <= buckets.max_batch(chunk):
             lowered.append(_window_peaks.lower(model, buffers(chunk), ints))
         for k in (k for k in buckets.encode_lengths(c) if b <= buckets.max_batch(k)):
-            lowered.append(_encode_windows.lower(model, rng, buffers(k), ints, floats, ints, ints,
-                                                 keys=keys))
+            stem = on_device(jax.eval_shape(_encode_stem, model, buffers(k), ints, floats))
+            lowered += [_encode_stem.lower(model, buffers(k), ints, floats),
+                        stack("semantic", stem["chunks"], stem["chunk_mask"]),
+                        _encode_finish.lower(model, rng, stem, stem["chunks"], ints, ints, keys)]
         for k in (k for k in buckets.num_tokens if decode_too and b <= buckets.max_batch(k)):
-            lowered.append(_decode_rows.lower(model, spec((b, k, c.decoder_dim), jnp.float32),
-                                              ints))
+            z = spec((b, k, c.decoder_dim), jnp.float32)
+            x, keep = on_device(jax.eval_shape(_decode_stem, model, z, ints))
+            lowered += [_decode_stem.lower(model, z, ints), stack("decoder", x, keep),
+                        _decode_finish.lower(model, x, keep)]
     for program in lowered:
         program.compile()
     return len(lowered)

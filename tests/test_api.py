@@ -194,3 +194,46 @@ def test_runtime_package_never_imports_torch():
                             text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin",
                                             "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr
+
+
+def test_cpu_runner_runs_layers_on_views_of_the_stacked_weights(model):
+    """The CPU Runner's per-layer weights are the stacked arrays' memory, not copies."""
+    layers = losatok_jax.model.Runner(model).layers
+    stacked = model.params["semantic_encoder"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"]
+    per_layer = [weights["mlp"]["fc1"]["kernel"] for weights in layers["semantic"]]
+    assert len(per_layer) == model.config.semantic.depth
+    for i, kernel in enumerate(per_layer):
+        np.testing.assert_array_equal(kernel, stacked[i])
+        offset = kernel.unsafe_buffer_pointer() - stacked.unsafe_buffer_pointer()
+        assert offset == i * kernel.nbytes
+    assert losatok_jax.model.Runner(model).layers is layers  # built once per model
+
+
+def test_per_layer_runs_equal_the_scanned_stacks(model, audio):
+    """One jitted call per layer (the CPU Runner) against one scan per stack (pmap, meshes and
+    traces), on the same inputs and parameters."""
+    per_layer = losatok_jax.model.Runner(model)
+    scanned = losatok_jax.model.Runner(model)
+    scanned.layers = None
+    clips = [audio[0], audio[1, :5000]]
+    a = encode(model, clips, runner=per_layer)
+    b = encode(model, clips, runner=scanned)
+    for fa, fb in zip(a, b):
+        for key in FEATURE_KEYS:
+            np.testing.assert_allclose(fa[key], fb[key], rtol=1e-6, atol=1e-6, err_msg=key)
+    audio_a = decode(model, [f["z"] for f in a], runner=per_layer)
+    audio_b = decode(model, [f["z"] for f in a], runner=scanned)
+    for x, y in zip(audio_a, audio_b):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_per_layer_weights_follow_parameters_replaced_in_place(model, audio):
+    other = losatok_jax.Losatok(jax.tree.map(lambda p: p, model.params), model.config)
+    before = encode(other, audio)["z"]
+    blocks = other.params["semantic_encoder"]["encoder"]["blocks"]
+    blocks["mlp"]["fc2"]["kernel"] = blocks["mlp"]["fc2"]["kernel"] * 1.5
+    after = encode(other, audio)["z"]
+    scanned = losatok_jax.model.Runner(other)
+    scanned.layers = None
+    np.testing.assert_allclose(after, encode(other, audio, runner=scanned)["z"], atol=1e-6)
+    assert np.abs(after - before).max() > 1e-3

@@ -169,7 +169,8 @@ class _CompileCounter(logging.Handler):
 def test_no_compilation_after_warmup(model):
     buckets = Buckets(batch_sizes=(1, 4), num_tokens=(32, 256))
     programs = losatok_jax.warmup(model, buckets, features=("z",))
-    assert programs == 2 * (1 + 1 + 2)  # per batch size: peak pass, 10-token encode, 2 decodes
+    assert programs == 2 * (1 + 3 + 3 * 2)  # per batch size: peak pass, then stem, layer and
+    # finish programs for the 10-token encode and each of 2 decodes
     counter = _CompileCounter()
     logger = logging.getLogger("jax")
     logger.addHandler(counter)
