@@ -1,6 +1,6 @@
 """What scanning over stacked layer weights costs: one full-size encoder block per layer, run as
-the model runs it (`nn.scan` over stacked parameters) and as a host loop over separate per-layer
-weights (what an unrolled or per-layer program would see).
+a trace runs it (`nn.scan` over stacked parameters) and as a host loop over separate per-layer
+weights (what the CPU `Runner` runs, on views of the stacked weights).
 
     python -m benchmarks.scan_overhead --tokens 25,252 --layers 8
 

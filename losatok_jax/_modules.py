@@ -9,7 +9,10 @@
       fc_a, fc_mu, fc_logvar        VAE head
 
 Repeated layers (`blocks`, `convnext`) are `nn.scan`s over stacked parameters, so compile time does
-not grow with depth. Spectral front ends and the ISTFT are parameter-free (`spectral.py`).
+not grow with depth; `encode` and `decode` are split into stages around them (`encode_stem`,
+`run_stack`, `encode_finish`; `decode_stem`, `run_stack`, `decode_finish`) so that the CPU runner
+can run one compiled layer per layer instead (`LAYER_STACKS`). Spectral front ends and the ISTFT
+are parameter-free (`spectral.py`).
 Shape letters: B batch, N samples, F frames, T tokens, E/C/D/I widths.
 
 `AudioVAE(config, dtype=...)` chooses the compute dtype of the heavy layers: the transformer blocks
