@@ -1011,7 +1011,7 @@ def _rows_markdown(results: dict) -> list[str]:
               "second. GFLOP/s: the matmul and convolution FLOPs the model needs (upstream's "
               "count, no padding) per steady-state second; JAX pads to its length buckets "
               "(the default ones: 1 s → 25 tokens, 10 s → 252, 60 s encodes as 6 × 252 and "
-              "decodes as 1008 + 640 with halos), so padding shows as lower JAX GFLOP/s "
+              "decodes as 800 + 800 with halos), so padding shows as lower JAX GFLOP/s "
               f"({results.get('buckets', 'default')} buckets here). Rows run interleaved: each "
               "row is timed in the JAX process, then in the PyTorch one (or the reverse), so a "
               "load change on a shared machine hits both sides of a ratio alike. "

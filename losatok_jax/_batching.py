@@ -7,7 +7,8 @@ compilation is bounded however varied the inputs are, and padding is small:
   samples around it; its last window takes the shortest bucket that holds it. A clip of several
   windows first gets a cheap pass that finds its spectrogram peak for the 120 dB floor;
 - decoding: windows with a halo of latents on both sides covering the decoder's receptive field,
-  the last one again in the shortest bucket that holds it;
+  of the length that computes the fewest padded tokens, the last one again in the shortest
+  bucket that holds it;
 - batches: rows of one length are grouped into batch buckets largest first (5 rows run as 4 + 1,
   not as 8 with 3 rows of filler).
 """
@@ -30,7 +31,7 @@ class Buckets:
     The default lengths step by about 1.25 (a row is padded by at most a quarter, 11% on average)
     and include whole seconds (25, 50, 100, 200 tokens) and the semantic chunk (252) with its
     multiples. Encoding uses the lengths below one semantic chunk plus the chunk itself; decoding
-    uses them all, the largest also being its window for long sequences. A batch holds at most
+    uses them all, the largest bounding its windows on long sequences. A batch holds at most
     `max_batch_tokens` tokens per device (but always one row), which bounds activation memory
     whatever the lengths: 32 short clips, or 4 windows of a long one.
     """
@@ -133,17 +134,30 @@ def encode_pieces(config: LosatokConfig, clip: int, tokens: int) -> list[Piece]:
 
 def decode_pieces(config: LosatokConfig, buckets: Buckets, clip: int, tokens: int) -> list[Piece]:
     """A latent sequence as windows of at most the largest bucket, halo included: each window
-    outputs the tokens whose receptive field it holds whole. Windows are as long as allowed
-    except the last, which holds just the rest, so it can take a shorter bucket."""
+    outputs the tokens whose receptive field it holds whole.
+
+    All windows but the last fill one length bucket and the last holds just the rest in the
+    shortest bucket that fits; the length is the one that computes the fewest padded tokens
+    (the longer on a tie). 60 s at full size runs as 800 + 800 tokens, where filling the largest
+    bucket would run 1008 + 640.
+    """
     halo, longest = decoder_halo(config), buckets.max_tokens
     if longest <= 2 * halo:
         raise ValueError(f"the largest length bucket ({longest} tokens) must exceed twice the "
                          f"decoder halo ({halo} tokens)")
+    plans = [_windows(clip, tokens, window, halo) for window in buckets.num_tokens
+             if window > 2 * halo]
+    return min(reversed(plans),
+               key=lambda plan: sum(buckets.length(p.stop - p.source) for p in plan))
+
+
+def _windows(clip: int, tokens: int, window: int, halo: int) -> list[Piece]:
+    """Windows of `window` tokens (halo included) over a sequence, the last holding the rest."""
     pieces, start = [], 0
     while True:
         source = max(0, start - halo)
-        if tokens - source <= longest:
+        if tokens - source <= window:
             return pieces + [Piece(clip, start, tokens - start, source, tokens)]
-        stop = source + longest
+        stop = source + window
         pieces.append(Piece(clip, start, stop - halo - start, source, stop))
         start = stop - halo

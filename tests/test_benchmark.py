@@ -62,4 +62,4 @@ def test_flop_count_at_full_size():
     assert run.jax_tokens_computed(config, "encode", 25) == 25
     assert run.jax_tokens_computed(config, "encode", 300) == 252 + 50
     assert run.jax_tokens_computed(config, "encode", 1500) == 6 * 252
-    assert run.jax_tokens_computed(config, "decode", 1500) == 1008 + 640  # 514 + 22 halo -> 640
+    assert run.jax_tokens_computed(config, "decode", 1500) == 800 + 800  # 1008 + 640 filling first
