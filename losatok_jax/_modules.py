@@ -134,7 +134,8 @@ class AudioTransformer(nn.Module):
         self.norm = layer_norm(1e-6)
 
     def stem(self, log_mel, token_mask):
-        """(B, F, n_mels), (B, T) -> chunks (B · num_chunks, L, E) with positions added, chunk_mask (B · num_chunks, L)."""
+        """(B, F, n_mels), (B, T) -> chunks (B · num_chunks, L, E) with positions added, and
+        their mask (B · num_chunks, L)."""
         c = self.config
         x = self.patch_embed(self.init_bn(log_mel))
         batch, num_tokens, width = x.shape
