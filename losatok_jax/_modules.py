@@ -391,10 +391,12 @@ class AudioVAE(nn.Module):
         return decoder.head(decoder.backbone.finish(x), keep)
 
     def run_stack(self, name: str, x, mask):
-        """All layers of the `LAYER_STACKS` entry `name`, as one scan."""
-        if name == "semantic":
-            return self.semantic_encoder.encoder.blocks(x, mask)[0]
-        return self.dasheng_tokenizer.decoder.backbone.convnext(x, mask)[0]
+        """All layers of the `LAYER_STACKS` entry `name`, as one scan (the stack's parameter
+        scope is also the attribute path of its scanned module)."""
+        module = self
+        for attribute in LAYER_STACKS[name][0]:
+            module = getattr(module, attribute)
+        return module(x, mask)[0]
 
     def sembo_recon(self, semantic_emb):
         return self.semantic_encoder.sembo_recon(semantic_emb)
