@@ -143,8 +143,11 @@ def noise_clip(seconds: float, seed: int) -> np.ndarray:
 
 
 def timing_inputs(profile: Profile) -> list[tuple[str, Any]]:
-    """(label, clip or list of clips) for every input of the profile."""
+    """(label, clip or list of clips) for every input of the profile (no batch row for 0 mixed
+    clips)."""
     inputs = [(f"{d:g} s", noise_clip(d, seed=i)) for i, d in enumerate(profile.durations)]
+    if not profile.mixed_clips:
+        return inputs
     rng = np.random.default_rng(1234)
     lengths = rng.uniform(*profile.mixed_range, profile.mixed_clips)
     clips = [noise_clip(d, seed=100 + i) for i, d in enumerate(lengths)]
@@ -1041,7 +1044,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--durations", default=None, metavar="S,S,...",
                         help="single-clip durations in seconds (default: the profile's)")
     parser.add_argument("--mixed-clips", type=int, default=None,
-                        help="clips in the mixed-length batch (default: the profile's)")
+                        help="clips in the mixed-length batch (default: the profile's; 0: no batch "
+                        "row)")
     parser.add_argument("--buckets", choices=BUCKET_CHOICES, default="default",
                         help="JAX shape buckets (see BUCKET_CHOICES in this file)")
     parser.add_argument("--pytorch-from", default=None, metavar="JSON",
@@ -1080,6 +1084,8 @@ def main(argv: list[str] | None = None) -> int:
         profile = dataclasses.replace(
             profile, durations=tuple(float(d) for d in args.durations.split(",") if d))
     if args.mixed_clips is not None:
+        if args.mixed_clips < 0:
+            parser.error(f"--mixed-clips takes a count of 0 or more, got {args.mixed_clips}")
         profile = dataclasses.replace(profile, mixed_clips=args.mixed_clips)
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip() not in ("", "none")]
     unknown = set(frameworks) - {"jax", "pytorch"}

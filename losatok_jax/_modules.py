@@ -44,15 +44,17 @@ LOW_PRECISION_SCOPES = (("semantic_encoder", "encoder", "blocks"),
                         ("dasheng_tokenizer", "decoder", "head"))
 
 
-def semantic_block(config: SemanticEncoderConfig, dtype=None) -> TransformerBlock:
+def semantic_block(config: SemanticEncoderConfig, dtype=None,
+                   max_rows: int | None = None) -> TransformerBlock:
     """One layer of the semantic encoder's transformer."""
     return TransformerBlock(config.num_heads, config.mlp_dim, config.qkv_bias, config.init_values,
-                            dtype)
+                            dtype, max_rows)
 
 
-def decoder_block(config: LosatokConfig, dtype=None) -> ConvNeXtBlock:
+def decoder_block(config: LosatokConfig, dtype=None, max_rows: int | None = None) -> ConvNeXtBlock:
     """One ConvNeXt layer of the Vocos backbone."""
-    return ConvNeXtBlock(config.decoder_intermediate_size, 1.0 / config.decoder_depth, dtype)
+    return ConvNeXtBlock(config.decoder_intermediate_size, 1.0 / config.decoder_depth, dtype,
+                         max_rows)
 
 
 def stacked(block: nn.Module, depth: int) -> nn.Module:
@@ -64,13 +66,14 @@ def stacked(block: nn.Module, depth: int) -> nn.Module:
                    in_axes=nn.broadcast, length=depth)(**fields)
 
 
-# Each stack of layers: where its parameters are, and its single layer. Under jit the stacks run as
+# Each stack of layers: where its parameters are, and its single layer's builder (config, dtype,
+# max_rows). Under jit the stacks run as
 # `stacked` scans; a caller holding each layer's weights as separate arrays can instead run one
 # jitted layer per weight set (the CPU `Runner` in `losatok_jax.model` does: on CPU XLA copies
 # every sliced layer out of the stacked weights, which dominates at short inputs).
 LAYER_STACKS = {
     "semantic": (("semantic_encoder", "encoder", "blocks"),
-                 lambda config, dtype: semantic_block(config.semantic, dtype)),
+                 lambda config, *args: semantic_block(config.semantic, *args)),
     "decoder": (("dasheng_tokenizer", "decoder", "backbone", "convnext"), decoder_block),
 }
 

@@ -1,0 +1,70 @@
+"""Long rows through one full-size decoder (ConvNeXt) layer, its position-wise matmuls in one go
+and in blocks of at most `CPU_MATMUL_ROWS` rows (what the CPU `Runner` runs).
+
+    python -m benchmarks.row_blocks --frames 1008,1600,3200,8064
+
+A decoder window of T tokens is 2·T frames a row, and a batch of rows shares the matmuls: 60 s
+decodes as 2 × 1600 frames, long audio as 4 × 2016. XLA's CPU matmul slows past about 2000 rows;
+the two variants are timed interleaved, so load changes hit both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import jax
+import numpy as np
+
+from benchmarks.run import jax_matmul_peak
+from losatok_jax._modules import decoder_block
+from losatok_jax.config import load_config
+from losatok_jax.model import CPU_MATMUL_ROWS
+
+
+def measure(config_path: str, frames: int, repeats: int) -> dict:
+    config = load_config(config_path)
+    x = jax.random.normal(jax.random.key(0), (1, frames, config.decoder_embed_dim))
+    keep = np.ones((1, frames, 1), np.float32)
+    params = decoder_block(config).init(jax.random.key(1), x, keep)
+    variants = {"whole_rows": None, "row_blocks": CPU_MATMUL_ROWS}
+    calls = {name: jax.jit(lambda p, x, keep, rows=rows: decoder_block(config, None, rows).apply(
+        p, x, keep)[0]) for name, rows in variants.items()}
+    times = {name: [] for name in calls}
+    for call in calls.values():
+        jax.block_until_ready(call(params, x, keep))
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call(params, x, keep))
+            times[name].append(time.perf_counter() - start)
+    flops = 4 * frames * config.decoder_embed_dim * config.decoder_intermediate_size
+    result = {"frames": frames}
+    for name, seconds in times.items():
+        median = float(np.median(seconds))
+        result[name] = {"seconds": median, "pointwise_gflops": flops / median / 1e9}
+    result["speedup"] = result["whole_rows"]["seconds"] / result["row_blocks"]["seconds"]
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="config/16k_16k_25Hz_losatok.yml")
+    parser.add_argument("--frames", default="1008,1600,3200,8064",
+                        help="comma-separated rows (decoder frames) of one layer call")
+    parser.add_argument("--repeats", type=int, default=9, help="timed calls per variant (median)")
+    parser.add_argument("--output", help="also write the results here as JSON")
+    args = parser.parse_args(argv)
+    results = {"max_rows": CPU_MATMUL_ROWS,
+               "matmul_peak_gflops": jax_matmul_peak(4096, "float32") / 1e9,
+               "rows": [measure(args.config, int(f), args.repeats) for f in args.frames.split(",")]}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as file:
+            file.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

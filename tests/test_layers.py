@@ -1,0 +1,57 @@
+"""Position-wise row blocks (`_layers.in_row_blocks`): the CPU layer path's long-row matmuls."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import losatok_jax
+from losatok_jax import decode
+from losatok_jax._layers import ConvNeXtBlock, TransformerBlock, in_row_blocks
+
+
+def test_row_blocks_are_near_equal_and_at_most_max_rows():
+    weights = jax.random.normal(jax.random.key(0), (6, 5))
+    x = jax.random.normal(jax.random.key(1), (2, 1250, 6))
+    seen = []
+
+    def position_wise(rows):
+        seen.append(rows.shape)
+        return jnp.tanh(rows @ weights)
+
+    out = in_row_blocks(position_wise, x, 1024)
+    assert seen == [(834, 6), (834, 6), (832, 6)]  # 2500 rows in three blocks
+    np.testing.assert_allclose(out, jnp.tanh(x @ weights), rtol=1e-6, atol=1e-6)
+    assert out.shape == (2, 1250, 5)
+
+
+@pytest.mark.parametrize("max_rows", [None, 2500])
+def test_rows_within_max_rows_run_in_one_call(max_rows):
+    seen = []
+    in_row_blocks(lambda rows: seen.append(rows.shape) or rows, jnp.zeros((2, 1250, 6)), max_rows)
+    assert seen == [(2, 1250, 6)]
+
+
+@pytest.mark.parametrize("block, args", [
+    (TransformerBlock(num_heads=2, mlp_dim=32, qkv_bias=True, init_values=None),
+     (jnp.ones((3, 20), bool),)),
+    (ConvNeXtBlock(intermediate_dim=32, layer_scale_init=0.5), (jnp.ones((3, 20, 1)),)),
+])
+def test_blocks_with_row_blocks_equal_the_whole_rows(block, args):
+    x = jax.random.normal(jax.random.key(2), (3, 20, 8))
+    params = block.init(jax.random.key(3), x, *args)
+    whole = block.apply(params, x, *args)[0]
+    in_blocks = block.clone(max_rows=16)
+    assert jax.tree.structure(in_blocks.init(jax.random.key(3), x, *args)) == \
+        jax.tree.structure(params)
+    np.testing.assert_allclose(in_blocks.apply(params, x, *args)[0], whole, rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_decoder_layers_split_long_rows_and_match_the_scan(model):
+    """A 640-token window decodes through 1280-frame rows, past CPU_MATMUL_ROWS."""
+    assert 2 * 640 > losatok_jax.model.CPU_MATMUL_ROWS
+    z = np.random.default_rng(4).standard_normal((640, model.config.decoder_dim), np.float32)
+    scanned = losatok_jax.model.Runner(model)
+    scanned.layers = None
+    np.testing.assert_allclose(decode(model, [z])[0], decode(model, [z], runner=scanned)[0],
+                               rtol=1e-6, atol=1e-7)
