@@ -51,8 +51,9 @@ def dense(features: int, name: str, dtype: Dtype = None, *, float32_output: bool
 
 def in_row_blocks(fn, x, max_rows: int | None):
     """`fn`, a position-wise map, over `x`'s rows (every axis but the last) in near-equal blocks
-    of at most `max_rows` rows; None: in one go. XLA's CPU matmul runs a sixth slower on 8000
-    rows than on blocks of 1000 (`benchmarks/row_blocks.py`); blocks change no row's result."""
+    of at most `max_rows` rows; None: in one go. XLA's CPU matmul slows past about 2000 rows (a
+    decoder layer on 8064 rows runs 8% faster in blocks of 1008: `benchmarks/row_blocks.py`).
+    Rows are independent, so blocking changes only float rounding."""
     rows = x.size // x.shape[-1]
     if max_rows is None or rows <= max_rows:
         return fn(x)

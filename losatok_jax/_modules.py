@@ -67,10 +67,10 @@ def stacked(block: nn.Module, depth: int) -> nn.Module:
 
 
 # Each stack of layers: where its parameters are, and its single layer's builder (config, dtype,
-# max_rows). Under jit the stacks run as
-# `stacked` scans; a caller holding each layer's weights as separate arrays can instead run one
-# jitted layer per weight set (the CPU `Runner` in `losatok_jax.model` does: on CPU XLA copies
-# every sliced layer out of the stacked weights, which dominates at short inputs).
+# max_rows). Under jit the stacks run as `stacked` scans; a caller holding each layer's weights as
+# separate arrays can instead run one jitted layer per weight set (the CPU `Runner` in
+# `losatok_jax.model` does: on CPU XLA copies every sliced layer out of the stacked weights, which
+# dominates at short inputs).
 LAYER_STACKS = {
     "semantic": (("semantic_encoder", "encoder", "blocks"),
                  lambda config, *args: semantic_block(config.semantic, *args)),
