@@ -69,7 +69,7 @@ PROFILES = {
 }
 OPERATIONS = ("encode", "decode", "reconstruct")
 NOT_MEASURED_GPU = "not measured (no GPU lent to this task)"
-# `--buckets`: JAX's shape buckets. "default" is `losatok_jax.DEFAULT_BUCKETS` (16-1008 tokens in
+# `--buckets`: JAX's shape buckets. "default" is `losatok_jax.DEFAULT_BUCKETS` (16-1512 tokens in
 # steps of about 1.25); "powers-of-two" is the coarser 32, 64, ..., 512, 1008 ladder (fewer
 # programs, more padding); "per-second" has one length bucket per second of audio up to a minute
 # (programs compile on demand, ~1 s each at full size on CPU), so a row is padded by < 1 s.
@@ -1014,7 +1014,7 @@ def _rows_markdown(results: dict) -> list[str]:
               "second. GFLOP/s: the matmul and convolution FLOPs the model needs (upstream's "
               "count, no padding) per steady-state second; JAX pads to its length buckets "
               "(the default ones: 1 s → 25 tokens, 10 s → 252, 60 s encodes as 6 × 252 and "
-              "decodes as 800 + 800 with halos), so padding shows as lower JAX GFLOP/s "
+              "decodes as one 1512-token window), so padding shows as lower JAX GFLOP/s "
               f"({results.get('buckets', 'default')} buckets here). Rows run interleaved: each "
               "row is timed in the JAX process, then in the PyTorch one (or the reverse), so a "
               "load change on a shared machine hits both sides of a ratio alike. "

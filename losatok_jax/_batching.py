@@ -30,7 +30,7 @@ class Buckets:
 
     The default lengths step by about 1.25 (a row is padded by at most a quarter, 11% on average)
     and include whole seconds (25, 50, 100, 200 tokens) and the semantic chunk (252) with its
-    multiples. Encoding uses the lengths below one semantic chunk plus the chunk itself; decoding
+    multiples up to 1512 (60 s decodes in one window). Encoding uses the lengths below one semantic chunk plus the chunk itself; decoding
     uses them all, the largest bounding its windows on long sequences. A batch holds at most
     `max_batch_tokens` tokens per device (but always one row), which bounds activation memory
     whatever the lengths: 32 short clips, or 4 windows of a long one.
@@ -38,7 +38,7 @@ class Buckets:
 
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     num_tokens: tuple[int, ...] = (16, 25, 32, 40, 50, 64, 80, 100, 126, 160, 200, 252, 320, 400,
-                                   504, 640, 800, 1008)
+                                   504, 640, 756, 800, 1008, 1260, 1512)
     max_batch_tokens: int = 4096
 
     def __post_init__(self):
@@ -138,8 +138,8 @@ def decode_pieces(config: LosatokConfig, buckets: Buckets, clip: int, tokens: in
 
     All windows but the last fill one length bucket and the last holds just the rest in the
     shortest bucket that fits; the length is the one that computes the fewest padded tokens
-    (the longer on a tie). 60 s at full size runs as 800 + 800 tokens, where filling the largest
-    bucket would run 1008 + 640.
+    (the longer on a tie). 100 s at full size runs as 1260 + 1260 + 80 tokens, where filling the
+    largest bucket would run 1512 + 1260.
     """
     halo, longest = decoder_halo(config), buckets.max_tokens
     if longest <= 2 * halo:

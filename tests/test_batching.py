@@ -228,8 +228,9 @@ def test_decode_windows_take_the_length_that_computes_least(model):
 
     assert plan(800) == [800]
     assert plan(810) == [504, 320]  # 824 tokens, not one window of 1008
-    assert plan(1100) == [800, 320]  # 1120 tokens; filling 1008 first would take 1008 + 126
-    assert plan(1500) == [640, 640, 252]  # 1532 tokens, against 1008 + 640
+    assert plan(1100) == [800, 320]  # 1120 tokens, not one window of 1260
+    assert plan(1500) == [1512]  # one window: 1512 tokens, against 640 + 640 + 252
+    assert plan(2003) == [1008, 1008, 16]  # 2032 tokens; filling 1512 first would take 1512 + 640
 
 
 def test_batch_groups_put_filler_only_in_the_last_group():

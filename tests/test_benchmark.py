@@ -62,4 +62,5 @@ def test_flop_count_at_full_size():
     assert run.jax_tokens_computed(config, "encode", 25) == 25
     assert run.jax_tokens_computed(config, "encode", 300) == 252 + 50
     assert run.jax_tokens_computed(config, "encode", 1500) == 6 * 252
-    assert run.jax_tokens_computed(config, "decode", 1500) == 800 + 800  # 1008 + 640 filling first
+    assert run.jax_tokens_computed(config, "decode", 1500) == 1512  # one window
+    assert run.jax_tokens_computed(config, "decode", 2500) == 1260 + 1260 + 80  # not 1512 + 1260
