@@ -30,10 +30,11 @@ class Buckets:
 
     The default lengths step by about 1.25 (a row is padded by at most a quarter, 11% on average)
     and include whole seconds (25, 50, 100, 200 tokens) and the semantic chunk (252) with its
-    multiples up to 1512 (60 s decodes in one window). Encoding uses the lengths below one semantic chunk plus the chunk itself; decoding
-    uses them all, the largest bounding its windows on long sequences. A batch holds at most
-    `max_batch_tokens` tokens per device (but always one row), which bounds activation memory
-    whatever the lengths: 32 short clips, or 4 windows of a long one.
+    multiples up to 1512 (60 s decodes in one window). Encoding uses the lengths below one
+    semantic chunk plus the chunk itself; decoding uses them all, the largest bounding its windows
+    on long sequences. A batch holds at most `max_batch_tokens` tokens per device (but always one
+    row), which bounds activation memory whatever the lengths: 32 short clips, or 2 windows of a
+    long one.
     """
 
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
