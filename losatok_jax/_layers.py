@@ -12,6 +12,7 @@ for bfloat16 inputs).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -58,7 +59,7 @@ def in_row_blocks(fn, x, max_rows: int | None):
     if max_rows is None or rows <= max_rows:
         return fn(x)
     flat = x.reshape(rows, x.shape[-1])
-    block = -(-rows // -(-rows // max_rows))
+    block = math.ceil(rows / math.ceil(rows / max_rows))
     out = jnp.concatenate([fn(flat[start:start + block]) for start in range(0, rows, block)])
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
