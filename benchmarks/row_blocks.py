@@ -19,9 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.run import jax_matmul_peak
-from losatok_jax._modules import decoder_block
+from losatok_jax._modules import CPU_MATMUL_ROWS, decoder_block
 from losatok_jax.config import load_config
-from losatok_jax.model import CPU_MATMUL_ROWS
 
 
 def layer_params(config):
@@ -33,9 +32,9 @@ def layer_params(config):
 def measure(config, params, frames: int, repeats: int) -> dict:
     x = jax.random.normal(jax.random.key(0), (1, frames, config.decoder_embed_dim))
     keep = np.ones((1, frames, 1), np.float32)
-    variants = {"whole_rows": None, "row_blocks": CPU_MATMUL_ROWS}
-    calls = {name: jax.jit(lambda p, x, keep, rows=rows: decoder_block(config, None, rows).apply(
-        p, x, keep)[0]) for name, rows in variants.items()}
+    variants = {"whole_rows": False, "row_blocks": True}
+    calls = {name: jax.jit(lambda p, x, keep, cpu=cpu: decoder_block(config, None, cpu).apply(
+        p, x, keep)[0]) for name, cpu in variants.items()}
     times = {name: [] for name in calls}
     for call in calls.values():
         jax.block_until_ready(call(params, x, keep))

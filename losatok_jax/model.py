@@ -223,14 +223,10 @@ def _scan_stack(model: Losatok, x, mask, stack: str):
     return model.apply(stack, x, mask, method="run_stack")
 
 
-# Rows of a layer's position-wise matmuls per block on the CPU path (`_layers.in_row_blocks`).
-CPU_MATMUL_ROWS = 1024
-
-
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "stack"))
 def _apply_layer(weights, x, mask, *, config: LosatokConfig, dtype: str, stack: str):
     _, layer = LAYER_STACKS[stack]
-    block = layer(config, compute_dtype(dtype), CPU_MATMUL_ROWS)
+    block = layer(config, compute_dtype(dtype), cpu_layer=True)
     return block.apply({"params": weights}, x, mask)[0]
 
 
@@ -239,8 +235,8 @@ def _run_stack(model: Losatok, stack: str, layers, x, mask):
     pmap or a caller's jit), or one `_apply_layer` call per layer on the separate per-layer
     weights `layers[stack]` (`_per_layer_weights`), which spares XLA's CPU while loop its copy of
     each layer's weights out of the stacked arrays (at 25 tokens, 40% of a transformer block's
-    time: `benchmarks/scan_overhead.py`) and runs long rows' matmuls in blocks of
-    `CPU_MATMUL_ROWS`."""
+    time: `benchmarks/scan_overhead.py`) and runs each layer as `cpu_layer` (long rows' matmuls
+    in blocks of `CPU_MATMUL_ROWS`)."""
     if layers is None:
         return _scan_stack(model, x, mask, stack)
     for weights in layers[stack]:

@@ -1,4 +1,5 @@
-"""Position-wise row blocks (`_layers.in_row_blocks`): the CPU layer path's long-row matmuls."""
+"""Position-wise row blocks (`_layers.in_row_blocks`), the CPU layer path's long-row matmuls, and
+heads-major attention (`_layers.heads_major_attention`)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,8 @@ import pytest
 
 import losatok_jax
 from losatok_jax import decode
-from losatok_jax._layers import ConvNeXtBlock, TransformerBlock, in_row_blocks
+from losatok_jax._layers import ConvNeXtBlock, TransformerBlock, heads_major_attention, in_row_blocks
+from losatok_jax._modules import CPU_MATMUL_ROWS
 
 
 def test_row_blocks_are_near_equal_and_at_most_max_rows():
@@ -47,9 +49,30 @@ def test_blocks_with_row_blocks_equal_the_whole_rows(block, args):
     np.testing.assert_allclose(in_blocks.apply(params, x, *args)[0], whole, rtol=1e-6, atol=1e-6)
 
 
+def qkv_and_mask(batch=3, length=8, heads=2, head_dim=4):
+    """Random (B, L, H, head_dim) q, k, v and prefix masks of 8, 5 and 0 real tokens (a chunk
+    of pure padding, as a batch's filler row has)."""
+    q, k, v = jax.random.normal(jax.random.key(0), (3, batch, length, heads, head_dim))
+    return q, k, v, jnp.arange(length)[None, :] < jnp.array([8, 5, 0])[:, None]
+
+
+def test_heads_major_attention_is_jax_attention():
+    """Bit-identical to `jax.nn.dot_product_attention`'s XLA path in float32, a fully padded
+    chunk included (finite: it attends evenly); bfloat16 keeps its output dtype and agrees."""
+    q, k, v, mask = qkv_and_mask()
+    reference = jax.nn.dot_product_attention(q, k, v, mask=mask[:, None, None, :], scale=0.5)
+    np.testing.assert_array_equal(heads_major_attention(q, k, v, mask, 0.5), reference)
+    assert np.isfinite(reference[2]).all()
+    low = [t.astype(jnp.bfloat16) for t in (q, k, v)]
+    out = heads_major_attention(*low, mask, 0.5)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), jax.nn.dot_product_attention(
+        *low, mask=mask[:, None, None, :], scale=0.5).astype(jnp.float32), rtol=0, atol=2e-2)
+
+
 def test_cpu_decoder_layers_split_long_rows_and_match_the_scan(model):
     """A 640-token window decodes through 1280-frame rows, past CPU_MATMUL_ROWS."""
-    assert 2 * 640 > losatok_jax.model.CPU_MATMUL_ROWS
+    assert 2 * 640 > CPU_MATMUL_ROWS
     z = np.random.default_rng(4).standard_normal((640, model.config.decoder_dim), np.float32)
     scanned = losatok_jax.model.Runner(model)
     scanned.layers = None
