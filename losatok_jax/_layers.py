@@ -121,7 +121,7 @@ def heads_major_attention(q, k, v, mask, scale: float):
     logit set to -0.7 · the float32 maximum, probabilities cast to v's dtype) on q, k, v
     transposed to (B, H, L, head_dim), where XLA's CPU batched matmuls find each head's products
     contiguous: a full-size layer's attention alone on 4 chunks of 252 tokens takes 22 ms instead
-    of 45 ms, and float32 results are bit-identical (tested)."""
+    of 45 ms, and float32 results agree to rounding (within 1e-6, tested)."""
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     logits = jnp.einsum("bhld,bhsd->bhls", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask[:, None, None, :], logits, -0.7 * jnp.finfo(jnp.float32).max)
