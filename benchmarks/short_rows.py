@@ -1,72 +1,196 @@
-"""The ceiling for a single short row: the matmuls of the full-size encoder's 32 blocks at 25 tokens
-(one 1 s clip), each block on its own weights as the model streams them, in JAX and in PyTorch.
+"""The ceiling for short rows: the matmuls of the full-size encoder's 32 blocks at a few token
+counts (25: one 1 s clip), each block on its own weights as the model streams them, in JAX, PyTorch
+and NumPy (OpenBLAS), each against a large square matmul in the same library, with the weights in
+either of two layouts.
 
-    python -m benchmarks.short_rows --tokens 25
+    python -m benchmarks.short_rows --tokens 1,25,50,100,252 --output benchmarks/results/short_rows_cpu.json
 
 With 25 rows a matmul does only 50 FLOPs per weight it reads, and each library's small-matrix
-kernels run well below its large-matmul peak. The fraction of peak reached here is the ceiling for
-a model that runs one 1 s clip through that library's matmuls; `weight_gb_per_s` shows how fast the
-weights stream (against the memory bandwidth, which a plain reduction measures far higher).
+kernels run well below its large-matmul peak: the fraction reached here is the ceiling for a model
+that runs one 1 s clip through that library's matmuls. Per library and layout, a least-squares line
+seconds = stream + tokens · per_token over the token counts splits the time into a part that does
+not grow with rows (reading the 2.5 GB of weights, at `stream_gb_per_s`) and one that does
+(arithmetic, at `compute_gflops`): where the two add up instead of overlapping, the fraction of
+peak at T rows is at most compute / (stream + compute). `memory_read_gb_per_s` (a plain jitted
+sum) is how fast this machine can read memory, for comparison with the stream rate.
+
+Layouts: `in_out` is x @ W with W stored (in, out), as Flax's Dense and this package's checkpoints
+hold it; `out_in` is x @ Wᵀ with W stored (out, in), as PyTorch's Linear holds it (`F.linear`).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import time
+from pathlib import Path
 
 import numpy as np
 
-from benchmarks.run import jax_matmul_peak, torch_matmul_peak
+from benchmarks.run import _cpu_model, jax_matmul_peak, torch_matmul_peak
 from benchmarks.scan_overhead import median_seconds
 
 WIDTH, MLP_WIDTH, LAYERS = 1280, 5120, 32
 # One block's matmuls, (in, out): qkv, attention output projection, MLP up, MLP down.
 SHAPES = ((WIDTH, 3 * WIDTH), (WIDTH, WIDTH), (WIDTH, MLP_WIDTH), (MLP_WIDTH, WIDTH))
+WEIGHTS_PER_TOKEN = LAYERS * sum(i * o for i, o in SHAPES)
+LAYOUTS = ("in_out", "out_in")
 
 
-def jax_layers_seconds(tokens: int, repeats: int) -> float:
+def host_weights(layout: str, layers: int = LAYERS) -> list[np.ndarray]:
+    """The blocks' weights, each contiguous in `layout`; the same values in either layout."""
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal(shape, np.float32) * 0.02
+               for _ in range(layers) for shape in SHAPES]
+    return weights if layout == "in_out" else [np.ascontiguousarray(w.T) for w in weights]
+
+
+def host_inputs(tokens: int) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(1)
+    return {n: rng.standard_normal((tokens, n), np.float32) for n in (WIDTH, MLP_WIDTH)}
+
+
+def in_features(w, layout: str) -> int:
+    return w.shape[0] if layout == "in_out" else w.shape[1]
+
+
+def jax_library(peak_n: int):
+    """(seconds(weights, layout, tokens, repeats), peak FLOP/s) for XLA's CPU matmul."""
     import jax
     import jax.numpy as jnp
 
-    rng = np.random.default_rng(0)
-    weights = [jnp.asarray(rng.standard_normal(shape, np.float32) * 0.02)
-               for _ in range(LAYERS) for shape in SHAPES]
-    x = {n: jnp.asarray(rng.standard_normal((tokens, n), np.float32)) for n in (WIDTH, MLP_WIDTH)}
-    dot = jax.jit(jnp.dot)
-    return median_seconds(lambda: [dot(x[w.shape[0]], w) for w in weights], repeats=repeats)
+    products = {"in_out": jax.jit(jnp.dot),
+                "out_in": jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))))}
+
+    def seconds(weights, layout, tokens, repeats):
+        device_weights = [jnp.asarray(w) for w in weights]
+        x = {n: jnp.asarray(v) for n, v in host_inputs(tokens).items()}
+        product = products[layout]
+        return median_seconds(
+            lambda: [product(x[in_features(w, layout)], w) for w in device_weights],
+            repeats=repeats)
+
+    return seconds, jax_matmul_peak(peak_n, "float32")
 
 
-def torch_layers_seconds(tokens: int, repeats: int) -> float:
+def pytorch_library(peak_n: int):
     import torch
 
     torch.set_grad_enabled(False)
-    generator = torch.Generator().manual_seed(0)
-    weights = [torch.randn(shape, generator=generator) * 0.02
-               for _ in range(LAYERS) for shape in SHAPES]
-    x = {n: torch.randn(tokens, n, generator=generator) for n in (WIDTH, MLP_WIDTH)}
-    return median_seconds(lambda: [torch.mm(x[w.shape[0]], w) for w in weights], repeats=repeats)
+    products = {"in_out": torch.mm, "out_in": torch.nn.functional.linear}
+
+    def seconds(weights, layout, tokens, repeats):
+        tensors = [torch.from_numpy(w) for w in weights]
+        x = {n: torch.from_numpy(v) for n, v in host_inputs(tokens).items()}
+        product = products[layout]
+        return median_seconds(lambda: [product(x[in_features(w, layout)], w) for w in tensors],
+                              repeats=repeats)
+
+    return seconds, torch_matmul_peak(peak_n, "cpu")
 
 
-def summary(seconds: float, peak_flops: float, tokens: int) -> dict:
-    weights = LAYERS * sum(i * o for i, o in SHAPES)
-    flops = 2 * tokens * weights
-    return {"seconds": seconds, "gflops": flops / seconds / 1e9,
-            "fraction_of_peak": flops / seconds / peak_flops, "peak_gflops": peak_flops / 1e9,
-            "weight_gb_per_s": 4 * weights / seconds / 1e9}
+def numpy_library(peak_n: int):
+    def seconds(weights, layout, tokens, repeats):
+        x = host_inputs(tokens)
+        if layout == "in_out":
+            return median_seconds(lambda: [x[w.shape[0]] @ w for w in weights], repeats=repeats)
+        return median_seconds(lambda: [x[w.shape[1]] @ w.T for w in weights], repeats=repeats)
+
+    square = np.random.default_rng(2).standard_normal((peak_n, peak_n), np.float32)
+    square @ square
+    best = math.inf
+    for _ in range(5):  # best of 5, as the other libraries' peaks
+        start = time.perf_counter()
+        square @ square
+        best = min(best, time.perf_counter() - start)
+    return seconds, 2 * peak_n**3 / best
+
+
+def jax_read_gb_per_s(gib: int = 1, repeats: int = 5) -> float:
+    """Memory read bandwidth: a jitted sum over `gib` GiB of float32, best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    data = jnp.ones(gib * 2**28, jnp.float32)
+    total = jax.jit(jnp.sum)
+    jax.block_until_ready(total(data))
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(total(data))
+        best = min(best, time.perf_counter() - start)
+    return data.nbytes / best / 1e9
+
+
+LIBRARIES = {"jax": jax_library, "pytorch": pytorch_library, "numpy": numpy_library}
+
+
+def row(tokens: int, seconds: float, peak_flops: float) -> dict:
+    flops = 2 * tokens * WEIGHTS_PER_TOKEN
+    return {"tokens": tokens, "seconds": seconds, "gflops": flops / seconds / 1e9,
+            "fraction_of_peak": flops / seconds / peak_flops,
+            "weight_gb_per_s": 4 * WEIGHTS_PER_TOKEN / seconds / 1e9}
+
+
+def stream_compute_fit(rows: list[dict]) -> dict:
+    """The least-squares line seconds = stream + tokens · per_token through the rows."""
+    per_token, stream = np.polyfit([r["tokens"] for r in rows], [r["seconds"] for r in rows], 1)
+    return {"stream_s": float(stream), "stream_gb_per_s": 4 * WEIGHTS_PER_TOKEN / stream / 1e9,
+            "compute_gflops": 2 * WEIGHTS_PER_TOKEN / per_token / 1e9}
+
+
+def measure(library: str, layouts: list[str], token_counts: list[int], repeats: int,
+            peak_n: int) -> dict:
+    """One library's peak, then per layout its rows (and their fit, given two or more)."""
+    seconds, peak_flops = LIBRARIES[library](peak_n)
+    result: dict = {"peak_gflops": peak_flops / 1e9, "layouts": {}}
+    for layout in layouts:
+        weights = host_weights(layout)
+        rows = [row(t, seconds(weights, layout, t, repeats), peak_flops) for t in token_counts]
+        result["layouts"][layout] = {"rows": rows}
+        if len(rows) > 1:
+            result["layouts"][layout]["fit"] = stream_compute_fit(rows)
+    return result
+
+
+def _names(text: str, known, what: str, parser) -> list[str]:
+    names = [name for name in text.split(",") if name]
+    unknown = sorted(set(names) - set(known))
+    if unknown or not names:
+        parser.error(f"--{what} takes any of {', '.join(known)}, got {text!r}")
+    return names
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, default=25)
+    parser.add_argument("--tokens", default="1,25,50,100,252", metavar="T,T,...",
+                        help="rows per matmul, one measurement each")
+    parser.add_argument("--libraries", default=",".join(LIBRARIES), metavar="NAME,...",
+                        help=f"any of {', '.join(LIBRARIES)}")
+    parser.add_argument("--layouts", default=",".join(LAYOUTS), metavar="NAME,...",
+                        help=f"any of {', '.join(LAYOUTS)}")
     parser.add_argument("--peak-n", type=int, default=4096, help="side of the peak matmul")
     parser.add_argument("--repeats", type=int, default=7, help="timed passes (median)")
+    parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    results = {"tokens": args.tokens, "layers": LAYERS,
-               "jax": summary(jax_layers_seconds(args.tokens, args.repeats),
-                              jax_matmul_peak(args.peak_n, "float32"), args.tokens),
-               "pytorch": summary(torch_layers_seconds(args.tokens, args.repeats),
-                                  torch_matmul_peak(args.peak_n, "cpu"), args.tokens)}
-    print(json.dumps(results, indent=2))
+    try:
+        token_counts = [int(t) for t in args.tokens.split(",")]
+    except ValueError:
+        parser.error(f"--tokens takes comma-separated integers, got {args.tokens!r}")
+    if min(token_counts) < 1:
+        parser.error("--tokens must be positive")
+    libraries = _names(args.libraries, LIBRARIES, "libraries", parser)
+    layouts = _names(args.layouts, LAYOUTS, "layouts", parser)
+    results = {"machine": _cpu_model(), "layers": LAYERS,
+               "weights_gb": 4 * WEIGHTS_PER_TOKEN / 1e9,
+               "memory_read_gb_per_s": jax_read_gb_per_s(),
+               "libraries": {name: measure(name, layouts, token_counts, args.repeats, args.peak_n)
+                             for name in libraries}}
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
 
 
 if __name__ == "__main__":

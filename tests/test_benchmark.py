@@ -5,6 +5,7 @@ The numbers mean nothing at this size; the full-size results are in benchmarks/r
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import run
@@ -64,3 +65,41 @@ def test_flop_count_at_full_size():
     assert run.jax_tokens_computed(config, "encode", 1500) == 6 * 252
     assert run.jax_tokens_computed(config, "decode", 1500) == 1512  # one window
     assert run.jax_tokens_computed(config, "decode", 2500) == 1260 + 1260 + 80  # not 1512 + 1260
+
+
+def test_short_rows_fit_splits_stream_from_compute():
+    """Rows timed as 0.1 s of weight reading plus arithmetic at 200 GFLOP/s give back both."""
+    from benchmarks import short_rows
+
+    per_token = 2 * short_rows.WEIGHTS_PER_TOKEN / 200e9
+    rows = [short_rows.row(t, 0.1 + t * per_token, peak_flops=200e9) for t in (1, 25, 252)]
+    fit = short_rows.stream_compute_fit(rows)
+    assert fit["stream_s"] == pytest.approx(0.1)
+    assert fit["compute_gflops"] == pytest.approx(200)
+    assert fit["stream_gb_per_s"] == pytest.approx(4 * short_rows.WEIGHTS_PER_TOKEN / 0.1 / 1e9)
+    assert rows[1]["fraction_of_peak"] == pytest.approx(25 * per_token / (0.1 + 25 * per_token))
+
+
+def test_cpu_description_tells_apart_machines_of_one_model_name():
+    """Two "AMD EPYC" machines of different generations get different descriptions."""
+    zen1 = "model name\t: AMD EPYC\ncpu family\t: 23\nmodel\t\t: 1\nflags\t\t: fpu sse avx avx2 fma\n"
+    wide = "model name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 17\nflags\t\t: avx2 avx512f\n"
+    assert run.cpu_description(zen1) == "AMD EPYC (family 23 model 1, AVX2)"
+    assert run.cpu_description(wide) == "AMD EPYC (family 25 model 17, AVX-512)"
+    # Only the first processor's fields count; an ARM cpuinfo has no model name.
+    assert run.cpu_description(zen1 + "\nprocessor\t: 1\n" + wide) == run.cpu_description(zen1)
+    assert run.cpu_description("processor\t: 0\nBogoMIPS\t: 50.00\n") is None
+
+
+def test_short_rows_layouts_hold_the_same_matrix():
+    """The (out, in) weights are the (in, out) ones transposed, contiguous, so both layouts time
+    the same products."""
+    from benchmarks import short_rows
+
+    in_out = short_rows.host_weights("in_out", layers=2)
+    out_in = short_rows.host_weights("out_in", layers=2)
+    assert len(out_in) == 8
+    assert [w.shape for w in out_in] == [w.shape[::-1] for w in in_out]
+    assert all(b.flags.c_contiguous for b in out_in)
+    assert all(np.array_equal(a.T, b) for a, b in zip(in_out, out_in))
+    assert [short_rows.in_features(w, "out_in") for w in out_in[:4]] == [1280, 1280, 1280, 5120]
