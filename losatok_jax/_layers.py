@@ -4,8 +4,8 @@ Shape letters: B batch, L tokens in a chunk, F decoder frames, E/C widths, H hea
 
 Mixed precision: every block takes a compute `dtype` (None: float32, exactly the float32 program).
 With bfloat16, matmuls and convolutions take bfloat16 operands; the residual streams stay float32
-(a bfloat16 branch output is added to a float32 residual), LayerNorm statistics are computed in
-float32, and attention logits and softmax are float32 (`jax.nn.dot_product_attention` does that
+(a bfloat16 branch output is added to a float32 residual), LayerNorm statistics and GELU are
+computed in float32, and attention logits and softmax are float32 (`jax.nn.dot_product_attention` does that
 for bfloat16 inputs).
 """
 
@@ -19,8 +19,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-# Exact (erf) GELU, as upstream; jax.nn.gelu defaults to the tanh approximation.
-gelu = functools.partial(nn.gelu, approximate=False)
+
+def gelu(x):
+    """Exact GELU as upstream's PyTorch computes it, x · 0.5 · (1 + erf(x / √2)), in float32 and
+    cast back to x's dtype. jax.nn.gelu defaults to the tanh approximation, and its exact form goes
+    through erfc, whose |x| ≥ 1 branch costs an exp: a full-size decoder layer on 3024 frames takes
+    1.256 s with this form against 1.280 s with that one on CPU."""
+    y = x.astype(jnp.float32)
+    return (y * 0.5 * (1.0 + jax.lax.erf(y * (1 / math.sqrt(2))))).astype(x.dtype)
+
 
 # A compute dtype: None means float32, leaving every layer's dtype to Flax's inference from float32
 # inputs and parameters, so the float32 program is the one built before dtypes existed.

@@ -34,7 +34,7 @@ class Losatok:
 
     `dtype` "float32" (the default) is the exact port. "bfloat16" runs the transformer blocks and
     the Vocos decoder's matmuls and convolutions in bfloat16 (float32 residual streams, LayerNorm
-    statistics, attention softmax, front ends, ISTFT; outputs stay float32): use
+    statistics, GELU, attention softmax, front ends, ISTFT; outputs stay float32): use
     `model.astype("bfloat16")` or `load_losatok(path, dtype="bfloat16")`, which also store those
     layers' kernels in bfloat16 (half the memory). `config` and `dtype` are static: jitted
     functions compile once per (config, dtype).

@@ -1,5 +1,7 @@
-"""Position-wise row blocks (`_layers.in_row_blocks`), the CPU layer path's long-row matmuls, and
-heads-major attention (`_layers.heads_major_attention`)."""
+"""Position-wise row blocks (`_layers.in_row_blocks`), the CPU layer path's long-row matmuls,
+heads-major attention (`_layers.heads_major_attention`) and the exact GELU (`_layers.gelu`)."""
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +10,8 @@ import pytest
 
 import losatok_jax
 from losatok_jax import decode
-from losatok_jax._layers import ConvNeXtBlock, TransformerBlock, heads_major_attention, in_row_blocks
+from losatok_jax._layers import (ConvNeXtBlock, TransformerBlock, gelu, heads_major_attention,
+                                 in_row_blocks)
 from losatok_jax._modules import CPU_MATMUL_ROWS
 
 
@@ -81,3 +84,18 @@ def test_cpu_decoder_layers_split_long_rows_and_match_the_scan(model):
     scanned.layers = None
     np.testing.assert_allclose(decode(model, [z])[0], decode(model, [z], runner=scanned)[0],
                                rtol=1e-6, atol=1e-7)
+
+
+def test_gelu_is_the_exact_erf_form():
+    """Within 1e-6 of x·Φ(x) in float64 over [-12, 12], the negative tail included (where the erf
+    form's 1 + erf cancels); bfloat16 in, bfloat16 out, within bfloat16 rounding."""
+    def exact(values):
+        return np.array([v * 0.5 * math.erfc(-v / math.sqrt(2)) for v in values.astype(np.float64)])
+
+    x = np.linspace(-12, 12, 48001, dtype=np.float32)
+    np.testing.assert_allclose(gelu(jnp.asarray(x)), exact(x), rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(gelu(jnp.asarray(x[x > 6]))) == x[x > 6])  # Φ(x) rounds to 1
+    low = gelu(jnp.asarray(x, jnp.bfloat16))
+    assert low.dtype == jnp.bfloat16
+    rounded = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
+    np.testing.assert_allclose(np.asarray(low, np.float32), exact(rounded), rtol=2**-8, atol=1e-6)
