@@ -21,10 +21,12 @@ hold it; `out_in` is x @ Wᵀ with W stored (out, in), as PyTorch's Linear holds
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -55,72 +57,74 @@ def in_features(w, layout: str) -> int:
     return w.shape[0] if layout == "in_out" else w.shape[1]
 
 
-def jax_library(peak_n: int):
-    """(seconds(weights, layout, tokens, repeats), peak FLOP/s) for XLA's CPU matmul."""
+def best_seconds(fn, repeats: int = 5) -> float:
+    """The fastest of `repeats` timed calls of `fn` after one untimed call."""
+    import jax
+
+    jax.block_until_ready(fn())
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class Library:
+    """How one library holds an array, multiplies x by a weight of either layout, and its peak."""
+
+    array: Callable[[np.ndarray], Any]
+    products: dict[str, Callable[[Any, Any], Any]]  # layout -> product(x, w)
+    peak_flops: Callable[[int], float]  # side of the square matmul -> FLOP/s
+
+    def timer(self, weights: list[np.ndarray], layout: str):
+        """seconds(tokens, repeats) for one pass over `weights`, moved into the library once."""
+        held = [self.array(w) for w in weights]
+        product = self.products[layout]
+
+        def seconds(tokens: int, repeats: int) -> float:
+            x = {n: self.array(v) for n, v in host_inputs(tokens).items()}
+            return median_seconds(lambda: [product(x[in_features(w, layout)], w) for w in held],
+                                  repeats=repeats)
+
+        return seconds
+
+
+def jax_library() -> Library:
     import jax
     import jax.numpy as jnp
 
-    products = {"in_out": jax.jit(jnp.dot),
-                "out_in": jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))))}
-
-    def seconds(weights, layout, tokens, repeats):
-        device_weights = [jnp.asarray(w) for w in weights]
-        x = {n: jnp.asarray(v) for n, v in host_inputs(tokens).items()}
-        product = products[layout]
-        return median_seconds(
-            lambda: [product(x[in_features(w, layout)], w) for w in device_weights],
-            repeats=repeats)
-
-    return seconds, jax_matmul_peak(peak_n, "float32")
+    times_transposed = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))))
+    return Library(jnp.asarray, {"in_out": jax.jit(jnp.dot), "out_in": times_transposed},
+                   lambda n: jax_matmul_peak(n, "float32"))
 
 
-def pytorch_library(peak_n: int):
+def pytorch_library() -> Library:
     import torch
 
     torch.set_grad_enabled(False)
-    products = {"in_out": torch.mm, "out_in": torch.nn.functional.linear}
-
-    def seconds(weights, layout, tokens, repeats):
-        tensors = [torch.from_numpy(w) for w in weights]
-        x = {n: torch.from_numpy(v) for n, v in host_inputs(tokens).items()}
-        product = products[layout]
-        return median_seconds(lambda: [product(x[in_features(w, layout)], w) for w in tensors],
-                              repeats=repeats)
-
-    return seconds, torch_matmul_peak(peak_n, "cpu")
+    return Library(torch.from_numpy, {"in_out": torch.mm, "out_in": torch.nn.functional.linear},
+                   lambda n: torch_matmul_peak(n, "cpu"))
 
 
-def numpy_library(peak_n: int):
-    def seconds(weights, layout, tokens, repeats):
-        x = host_inputs(tokens)
-        if layout == "in_out":
-            return median_seconds(lambda: [x[w.shape[0]] @ w for w in weights], repeats=repeats)
-        return median_seconds(lambda: [x[w.shape[1]] @ w.T for w in weights], repeats=repeats)
+def numpy_library() -> Library:
+    def peak_flops(n: int) -> float:
+        square = np.random.default_rng(2).standard_normal((n, n), np.float32)
+        return 2 * n**3 / best_seconds(lambda: square @ square)  # best of 5, as the others
 
-    square = np.random.default_rng(2).standard_normal((peak_n, peak_n), np.float32)
-    square @ square
-    best = math.inf
-    for _ in range(5):  # best of 5, as the other libraries' peaks
-        start = time.perf_counter()
-        square @ square
-        best = min(best, time.perf_counter() - start)
-    return seconds, 2 * peak_n**3 / best
+    return Library(np.asarray, {"in_out": lambda x, w: x @ w, "out_in": lambda x, w: x @ w.T},
+                   peak_flops)
 
 
-def jax_read_gb_per_s(gib: int = 1, repeats: int = 5) -> float:
-    """Memory read bandwidth: a jitted sum over `gib` GiB of float32, best of `repeats`."""
+def jax_read_gb_per_s(gib: int = 1) -> float:
+    """Memory read bandwidth: a jitted sum over `gib` GiB of float32, best of 5."""
     import jax
     import jax.numpy as jnp
 
     data = jnp.ones(gib * 2**28, jnp.float32)
     total = jax.jit(jnp.sum)
-    jax.block_until_ready(total(data))
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(total(data))
-        best = min(best, time.perf_counter() - start)
-    return data.nbytes / best / 1e9
+    return data.nbytes / best_seconds(lambda: total(data)) / 1e9
 
 
 LIBRARIES = {"jax": jax_library, "pytorch": pytorch_library, "numpy": numpy_library}
@@ -143,11 +147,12 @@ def stream_compute_fit(rows: list[dict]) -> dict:
 def measure(library: str, layouts: list[str], token_counts: list[int], repeats: int,
             peak_n: int) -> dict:
     """One library's peak, then per layout its rows (and their fit, given two or more)."""
-    seconds, peak_flops = LIBRARIES[library](peak_n)
+    chosen = LIBRARIES[library]()
+    peak_flops = chosen.peak_flops(peak_n)
     result: dict = {"peak_gflops": peak_flops / 1e9, "layouts": {}}
     for layout in layouts:
-        weights = host_weights(layout)
-        rows = [row(t, seconds(weights, layout, t, repeats), peak_flops) for t in token_counts]
+        seconds = chosen.timer(host_weights(layout), layout)
+        rows = [row(t, seconds(t, repeats), peak_flops) for t in token_counts]
         result["layouts"][layout] = {"rows": rows}
         if len(rows) > 1:
             result["layouts"][layout]["fit"] = stream_compute_fit(rows)

@@ -5,8 +5,8 @@ Shape letters: B batch, L tokens in a chunk, F decoder frames, E/C widths, H hea
 Mixed precision: every block takes a compute `dtype` (None: float32, exactly the float32 program).
 With bfloat16, matmuls and convolutions take bfloat16 operands; the residual streams stay float32
 (a bfloat16 branch output is added to a float32 residual), LayerNorm statistics and GELU are
-computed in float32, and attention logits and softmax are float32 (`jax.nn.dot_product_attention` does that
-for bfloat16 inputs).
+computed in float32, and attention logits and softmax are float32 (`jax.nn.dot_product_attention`
+does that for bfloat16 inputs).
 """
 
 from __future__ import annotations
