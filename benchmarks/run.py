@@ -423,8 +423,14 @@ def jax_matmul_peak(n: int, dtype: str, repeats: int = 5) -> float:
     import jax
     import jax.numpy as jnp
 
+    from losatok_jax.model import full_float32_matmuls
+
+    def product(x, y):
+        with full_float32_matmuls():
+            return x @ y
+
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
-    matmul = jax.jit(lambda x, y: x @ y)
+    matmul = jax.jit(product)
     matmul(a, a).block_until_ready()
     best = math.inf
     for _ in range(repeats):
@@ -581,6 +587,10 @@ def torch_session(spec: dict) -> Session:
                                            dtype=torch.float32)
         kind = _cpu_model()
     else:
+        # Float32 in earnest, as JAX's float32 runs: no TF32 in cuBLAS or cuDNN (PyTorch's cuDNN
+        # convolutions default to it).
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
         oracle = device_oracle(state, spec["sizes"]["num_heads"], "cuda")
         del state
         kind = torch.cuda.get_device_name()

@@ -66,7 +66,16 @@ class Losatok:
         return Losatok(jax.tree_util.tree_map_with_path(cast, self.params), self.config, dtype)
 
     def apply(self, *args, method: str, **kwargs):
-        return self.module.apply({"params": self.params}, *args, method=method, **kwargs)
+        with full_float32_matmuls():
+            return self.module.apply({"params": self.params}, *args, method=method, **kwargs)
+
+
+def full_float32_matmuls():
+    """Context in which the model is traced: float32 dot products and convolutions at full float32
+    precision on every backend, as upstream computes them. JAX's default lets a GPU round their
+    inputs to TF32 and a TPU to one bfloat16 pass (relative rounding 2^-11 and 2^-8); a precision
+    the caller set with `jax.default_matmul_precision` is kept. On CPU no result changes."""
+    return jax.default_matmul_precision(jax.config.jax_default_matmul_precision or "highest")
 
 
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
@@ -227,7 +236,8 @@ def _scan_stack(model: Losatok, x, mask, stack: str):
 def _apply_layer(weights, x, mask, *, config: LosatokConfig, dtype: str, stack: str):
     _, layer = LAYER_STACKS[stack]
     block = layer(config, compute_dtype(dtype), cpu_layer=True)
-    return block.apply({"params": weights}, x, mask)[0]
+    with full_float32_matmuls():
+        return block.apply({"params": weights}, x, mask)[0]
 
 
 def _run_stack(model: Losatok, stack: str, layers, x, mask):

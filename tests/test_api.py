@@ -4,6 +4,7 @@ Uses the converted golden tiny_chunk40 model; almost every test feeds the same t
 (1, N) and (B, N), so the suite compiles only a handful of programs.
 """
 
+import collections
 import re
 import subprocess
 import sys
@@ -185,6 +186,53 @@ def test_lowered_program_takes_parameters_as_arguments(model, audio):
     # Guards the check above: closing over the model does bake its parameters in, and shows.
     closed_over = jax.jit(lambda x: encode(model, x)["z"]).lower(audio)
     assert _parameter_constants(closed_over, model)
+
+
+def _matmul_precisions(lowered) -> list[tuple[str, ...]]:
+    """The operand precisions of every dot product and convolution in a lowered program."""
+    ops = [line for line in lowered.as_text().splitlines()
+           if "stablehlo.dot_general" in line or "stablehlo.convolution" in line]
+    return [tuple(re.findall(r"\b(DEFAULT|HIGHEST|HIGH)\b", line)) for line in ops]
+
+
+def _lowered_round_trip(model, audio):
+    return jax.jit(lambda m, x: decode(m, encode(m, x)["z"])).lower(model, audio)
+
+
+def _lowered_layers(model):
+    """The CPU Runner's per-layer programs, one semantic and one decoder layer."""
+    layers = losatok_jax.model.Runner(model).layers
+    c = model.config
+    inputs = {"semantic": (jnp.zeros((1, 8, c.semantic.embed_dim)), jnp.ones((1, 8), bool)),
+              "decoder": (jnp.zeros((1, 8, c.decoder_embed_dim)), jnp.ones((1, 8, 1)))}
+    return [losatok_jax.model._apply_layer.lower(layers[stack][0], *inputs[stack], config=c,
+                                                 dtype=model.dtype, stack=stack)
+            for stack in inputs]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmuls_run_at_full_float32_precision_on_every_backend(model, audio, dtype):
+    """JAX's default precision lets GPUs use TF32 and TPUs one bfloat16 pass for float32
+    matmuls; the model's programs ask for full precision (bfloat16 operands stay bfloat16)."""
+    model = model.astype(dtype)
+    for lowered in [_lowered_round_trip(model, audio), *_lowered_layers(model)]:
+        precisions = _matmul_precisions(lowered)
+        assert len(precisions) >= 2
+        assert set(precisions) == {("HIGHEST", "HIGHEST")}
+
+
+@pytest.mark.parametrize("precision, level", [("tensorfloat32", "HIGH"), ("default", "DEFAULT")])
+def test_a_matmul_precision_the_caller_sets_is_kept(model, audio, precision, level):
+    """Except in the mel front ends, which always compute at full precision."""
+    with jax.default_matmul_precision(precision):
+        round_trip = collections.Counter(_matmul_precisions(_lowered_round_trip(model, audio)))
+        layers = [set(_matmul_precisions(lowered)) for lowered in _lowered_layers(model)]
+        caller_z = encode(model, audio)["z"]
+    assert layers == [{(level, level)}] * 2
+    assert set(round_trip) == {(level, level), ("HIGHEST", "HIGHEST")}
+    assert round_trip[(level, level)] > round_trip[("HIGHEST", "HIGHEST")]
+    # On CPU the precision changes nothing: the same bits either way.
+    np.testing.assert_array_equal(caller_z, encode(model, audio)["z"])
 
 
 def test_runtime_package_never_imports_torch():
