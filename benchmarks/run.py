@@ -962,6 +962,16 @@ def goals(results: dict) -> dict:
                                                "worst_min_cosine": min(cosines)}
     if results["device"] == "cpu":
         out["gpu_goals"] = NOT_MEASURED_GPU
+    batched = [r for r in rows if r["operation"] == "encode" and r["clips"] > 1 and "jax" in r]
+    if results["device"] == "gpu" and batched:
+        row, low = batched[0], results["dtype"] != "float32"
+        fraction = row["jax"]["fraction_of_matmul_peak"]
+        out["gpu_batched_encode_at_least_0.4_of_bf16_peak"] = {
+            "met": low and fraction >= 0.4, "fraction": fraction, "dtype": results["dtype"]}
+        if "jax_over_pytorch" in row:
+            out["gpu_batched_encode_at_least_5x_pytorch_float32"] = {
+                "met": row["jax_over_pytorch"] >= 5.0, "ratio": row["jax_over_pytorch"],
+                "dtype": results["dtype"]}
     return out
 
 

@@ -103,3 +103,20 @@ def test_short_rows_layouts_hold_the_same_matrix():
     assert all(b.flags.c_contiguous for b in out_in)
     assert all(np.array_equal(a.T, b) for a, b in zip(in_out, out_in))
     assert [short_rows.in_features(w, "out_in") for w in out_in[:4]] == [1280, 1280, 1280, 5120]
+
+
+def test_gpu_goals_come_from_the_batched_encode_row():
+    def row(operation, clips, fraction, ratio):
+        return {"operation": operation, "input": "x", "clips": clips,
+                "jax": {"fraction_of_matmul_peak": fraction}, "jax_over_pytorch": ratio}
+
+    rows = [row("encode", 1, 0.1, 1.0), row("decode", 8, 0.9, 9.0), row("encode", 8, 0.45, 6.0)]
+    bf16 = run.goals({"device": "gpu", "dtype": "bfloat16", "rows": rows})
+    assert bf16["gpu_batched_encode_at_least_0.4_of_bf16_peak"] == {
+        "met": True, "fraction": 0.45, "dtype": "bfloat16"}
+    assert bf16["gpu_batched_encode_at_least_5x_pytorch_float32"]["met"]
+    assert "gpu_goals" not in bf16
+    rows[2] = row("encode", 8, 0.45, 4.0)
+    f32 = run.goals({"device": "gpu", "dtype": "float32", "rows": rows})
+    assert not f32["gpu_batched_encode_at_least_0.4_of_bf16_peak"]["met"]  # not a bf16 run
+    assert not f32["gpu_batched_encode_at_least_5x_pytorch_float32"]["met"]
