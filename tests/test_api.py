@@ -223,7 +223,8 @@ def test_matmuls_run_at_full_float32_precision_on_every_backend(model, audio, dt
 
 @pytest.mark.parametrize("precision, level", [("tensorfloat32", "HIGH"), ("default", "DEFAULT")])
 def test_a_matmul_precision_the_caller_sets_is_kept(model, audio, precision, level):
-    """Except in the mel front ends, which always compute at full precision."""
+    """A precision the caller sets reaches every model matmul but the mel front ends', which
+    always compute at full precision."""
     with jax.default_matmul_precision(precision):
         round_trip = collections.Counter(_matmul_precisions(_lowered_round_trip(model, audio)))
         layers = [set(_matmul_precisions(lowered)) for lowered in _lowered_layers(model)]
