@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any
 
 import flax.linen as nn
@@ -111,15 +112,16 @@ def attention(q, k, v, mask, scale: float, *, fused: bool):
     With `fused` (bfloat16/float16 inputs) on a GPU, cuDNN's fused flash attention, the mask given
     as key lengths (every mask here is a prefix: a chunk's real tokens come first); where cuDNN
     is missing or refuses the shapes, and always on CPU and in float32, `heads_major_attention`
-    with the boolean mask.
+    with the boolean mask, and a warning (once per traced program) that says why.
     """
     if fused and jax.default_backend() == "gpu":
         try:
             return jax.nn.dot_product_attention(q, k, v, scale=scale,
                                                 key_value_seq_lengths=key_lengths(mask),
                                                 implementation="cudnn")
-        except (RuntimeError, ValueError, NotImplementedError, TypeError):
-            pass  # no usable cuDNN: fall through to XLA
+        except (RuntimeError, ValueError, NotImplementedError, TypeError) as refusal:
+            warnings.warn(f"cuDNN fused attention unavailable ({refusal}); attention runs as "
+                          f"XLA's unfused computation", RuntimeWarning, stacklevel=2)
     return heads_major_attention(q, k, v, mask, scale)
 
 

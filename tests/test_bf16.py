@@ -124,3 +124,16 @@ def test_fused_attention_key_lengths_equal_the_mask():
     if jax.default_backend() == "cpu":
         np.testing.assert_allclose(attention(q, k, v, mask, 0.5, fused=True), masked,
                                    rtol=1e-6, atol=1e-6)
+
+
+def test_refused_cudnn_attention_falls_back_with_a_warning(monkeypatch):
+    """Where the backend is a GPU but cuDNN refuses (here: a CPU posing as one, which has no
+    cuDNN), attention is the XLA computation, and the user is told."""
+    from losatok_jax._layers import attention, heads_major_attention
+
+    q, k, v = jax.random.normal(jax.random.key(1), (3, 2, 8, 2, 16)).astype(jnp.bfloat16)
+    mask = jnp.arange(8)[None, :] < jnp.array([8, 3])[:, None]
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.warns(RuntimeWarning, match="cuDNN fused attention unavailable"):
+        out = attention(q, k, v, mask, 0.25, fused=True)
+    np.testing.assert_array_equal(out, heads_major_attention(q, k, v, mask, 0.25))
