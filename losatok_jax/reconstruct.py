@@ -25,7 +25,7 @@ import numpy as np
 
 from losatok_jax import audio_io, compilation
 from losatok_jax.config import ConfigError
-from losatok_jax.model import FEATURE_KEYS, as_audio_batch, load_losatok, reconstruct
+from losatok_jax.model import COMPUTE_DTYPES, FEATURE_KEYS, as_audio_batch, load_losatok, reconstruct
 
 DEFAULT_CONFIG = "config/16k_16k_25Hz_losatok.yml"
 SAMPLE_RATE = 16000
@@ -82,6 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                              "--model_path it is optional and must match the checkpoint's")
     parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
                         help="JAX platform to run on (default: JAX's choice)")
+    parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
+                        help="compute dtype: float32 is the exact port; bfloat16 runs the "
+                             "transformer and decoder matmuls in bf16 (fast on GPU and TPU)")
     parser.add_argument("--sample", action="store_true",
                         help="sample z = mu + eps * exp(logvar / 2) instead of using z = mu")
     parser.add_argument("--seed", type=int, default=0,
@@ -112,7 +115,8 @@ def _run(args: argparse.Namespace) -> None:
         config_path = DEFAULT_CONFIG
     if config_path is not None:
         config_path = _resolve_config(config_path)
-    model = load_losatok(args.model_path, config_path=config_path, seed=args.seed)
+    model = load_losatok(args.model_path, config_path=config_path, seed=args.seed,
+                         dtype=args.dtype)
     if model.config.sample_rate != SAMPLE_RATE:
         raise ConfigError(f"the model expects {model.config.sample_rate} Hz audio; "
                           f"this tool reads and writes {SAMPLE_RATE} Hz")

