@@ -1,7 +1,8 @@
 """Extract LoSATok latents for many clips into ArrayRecord shards, exactly once, at any scale.
 
     python -m losatok_jax.extract --model_path ckpts/losatok_kl1e-2 --input data/ \
-        --output_dir latents/ [--features z,mu] [--dtype bfloat16] [--batch_size 8]
+        --output_dir latents/ [--features z,mu] [--dtype bfloat16] [--compute_dtype bfloat16] \
+        [--batch_size 8]
 
 INPUT is a folder (searched recursively for audio files) or a manifest: a `.txt` of paths, or a
 `.jsonl` of {"path": ..., "id": ...} (id optional; by default a folder's relative path, or the
@@ -9,7 +10,10 @@ path as listed). Output, in OUT:
 - `latents-PPPPP-SSSSS.array_record`: shard S of process P, one record per clip
   (`losatok_jax.data.decode_record`); each with `latents-PPPPP-SSSSS.index.jsonl` beside it;
 - `index.jsonl`: every record (id, path, shard, position, num_tokens, duration);
-- `failures.jsonl`: inputs that could not be encoded in the latest run, with the reason.
+- `failures.jsonl`: inputs that could not be encoded in the latest run, with the reason;
+- `extraction.json`: the settings that decide the records' values (features, storage and compute
+  dtypes, sampling and its seed). A re-run into the same OUT must use the same ones, so one
+  folder never mixes latents computed differently.
 
 Exactly once: a shard is written under a `.tmp` name and renamed only when complete (its index
 first), so after a kill at any moment a re-run skips every clip in a complete shard and redoes
@@ -126,6 +130,32 @@ def _write_atomically(path: Path, text: str):
     os.replace(tmp, path)
 
 
+SETTINGS_FILE = "extraction.json"
+
+
+def check_settings(directory: Path, settings: dict):
+    """Records `settings` on the first run into `directory`; refuses a later run (a resume, or
+    another process of a pod) whose settings differ, before anything is written."""
+    path = directory / SETTINGS_FILE
+    if not path.exists():
+        _write_atomically(path, json.dumps(settings, indent=1) + "\n")
+        return
+    earlier = json.loads(path.read_text())
+    changed = [k for k in settings if earlier.get(k) != settings[k]]
+    if changed:
+        made = " ".join(filter(None, (_as_flag(k, earlier.get(k)) for k in changed)))
+        raise ExtractError(f"{directory} holds latents extracted with {made}; re-run with the "
+                           f"same settings or choose another --output_dir")
+
+
+def _as_flag(name: str, value) -> str:
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"no --{name}"
+    if value is None:
+        return ""
+    return f"--{name} {','.join(value) if isinstance(value, list) else value}"
+
+
 def clean_up(directory: Path, process: int):
     """Drops what a killed run of this process left: unfinished shards and indexes whose shard
     never completed. Their clips are not in any complete shard, so they are redone."""
@@ -236,8 +266,11 @@ def run(args) -> Progress:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     process, processes = _initialize_distributed(args)
+    check_settings(out, {"features": list(features), "dtype": args.dtype,
+                         "compute_dtype": args.compute_dtype, "sample": args.sample,
+                         "seed": args.seed if args.sample else None})
     compilation.enable_compilation_cache(args.compilation_cache_dir)
-    model = load_losatok(args.model_path)
+    model = load_losatok(args.model_path, dtype=args.compute_dtype)
     runner = MeshRunner(model) if jax.local_device_count() > 1 else Runner(model)
     buckets = Buckets(batch_sizes=tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128)
                                         if b < args.batch_size) + (args.batch_size,),
@@ -297,6 +330,7 @@ def run(args) -> Progress:
 
 def _parser() -> argparse.ArgumentParser:
     from losatok_jax._batching import DEFAULT_BUCKETS
+    from losatok_jax.model import COMPUTE_DTYPES
 
     parser = argparse.ArgumentParser(prog="python -m losatok_jax.extract",
                                      description=__doc__.split("\n\n")[0])
@@ -306,6 +340,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", default="z", help="comma-separated features to store")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="storage dtype of the features")
+    parser.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
+                        help="dtype the model computes in: float32 is the exact port; bfloat16 "
+                             "runs its matmuls in bf16 (fast on GPU and TPU)")
     parser.add_argument("--batch_size", type=int, default=8, help="clips per device per batch")
     parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS.num_tokens)),
                         help="length buckets in tokens (25 per second); encoding uses those "

@@ -127,9 +127,30 @@ def _read_shard(path: Path) -> list[bytes]:
 def test_rerun_skips_completed_clips(extracted, checkpoint, audio_folder):
     before = sorted(p.name for p in extracted.glob("*.array_record"))
     result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir",
-                         extracted, "--shard_size", "2", "--buckets", "32,64")
+                         extracted, "--features", "z,mu,semantic_emb", "--shard_size", "2",
+                         "--buckets", "32,64")
     assert "done: 0 clips, 3 failed" in result.stdout
     assert sorted(p.name for p in extracted.glob("*.array_record")) == before
+
+
+def test_compute_dtype_and_a_rerun_with_other_settings(checkpoint, audio_folder, tmp_path,
+                                                      model):
+    """bfloat16 compute gives latents near float32's; the folder records it, and a re-run into
+    it with other settings stops before touching anything."""
+    out = tmp_path / "bf16"
+    run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
+                "--compute_dtype", "bfloat16", "--buckets", "32,64")
+    z = read_records(out)["a.wav"]["z"]
+    [expected] = losatok_jax.encode(model, [load_audio(audio_folder / "a.wav")], features=("z",))
+    assert z.dtype == np.float32 and not np.array_equal(z, expected["z"])
+    np.testing.assert_allclose(z, expected["z"], rtol=0, atol=0.05)
+    assert json.loads((out / "extraction.json").read_text())["compute_dtype"] == "bfloat16"
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
+                         "--features", "z,mu", "--buckets", "32,64", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--features z --compute_dtype bfloat16" in result.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files
 
 
 def test_storage_dtype_and_manifest(checkpoint, audio_folder, tmp_path, model):
@@ -279,3 +300,13 @@ def test_parallel_equals_single_on_8_devices(checkpoint):
                             env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PmapRunner" in result.stdout and "MeshRunner" in result.stdout
+
+
+def test_settings_guard_names_the_earlier_flags(tmp_path):
+    first = {"features": ["z"], "dtype": "float32", "compute_dtype": "float32", "sample": False,
+             "seed": None}
+    extract.check_settings(tmp_path, first)
+    extract.check_settings(tmp_path, dict(first))  # a resume with the same settings goes on
+    with pytest.raises(extract.ExtractError, match="extracted with no --sample; re-run"):
+        extract.check_settings(tmp_path, {**first, "sample": True, "seed": 3})
+    assert json.loads((tmp_path / extract.SETTINGS_FILE).read_text()) == first
