@@ -11,14 +11,13 @@ the two variants are timed interleaved, so load changes hit both alike.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.run import jax_matmul_peak
+from benchmarks.run import jax_matmul_peak, print_json
 from losatok_jax._modules import CPU_MATMUL_ROWS, decoder_block
 from losatok_jax.config import load_config
 
@@ -66,11 +65,7 @@ def main(argv=None):
                "matmul_peak_gflops": jax_matmul_peak(4096, "float32") / 1e9,
                "rows": [measure(config, params, int(f), args.repeats)
                         for f in args.frames.split(",")]}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        with open(args.output, "w") as file:
-            file.write(text + "\n")
+    print_json(results, args.output)
 
 
 if __name__ == "__main__":

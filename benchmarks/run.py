@@ -23,7 +23,6 @@ the JAX/PyTorch ratio. Optionally, bfloat16 accuracy against float32 on speech, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import json
@@ -905,6 +904,14 @@ def _cpu_model() -> str:
     except OSError:
         described = None
     return described or platform.processor() or "unknown"
+
+
+def print_json(results: dict, output: str | None) -> None:
+    """The side benchmarks' report: the results as JSON on stdout, and in `output` if given."""
+    text = json.dumps(results, indent=2)
+    print(text)
+    if output:
+        Path(output).write_text(text + "\n")
 
 
 def combine(jax_result: dict | None, torch_result: dict | None) -> list[dict]:

@@ -22,15 +22,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.run import _cpu_model, jax_matmul_peak, torch_matmul_peak
+from benchmarks.run import _cpu_model, jax_matmul_peak, print_json, torch_matmul_peak
 from benchmarks.scan_overhead import median_seconds
 
 WIDTH, MLP_WIDTH, LAYERS = 1280, 5120, 32
@@ -192,10 +190,7 @@ def main(argv=None):
                "memory_read_gb_per_s": jax_read_gb_per_s(),
                "libraries": {name: measure(name, layouts, token_counts, args.repeats, args.peak_n)
                              for name in libraries}}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    print_json(results, args.output)
 
 
 if __name__ == "__main__":

@@ -232,25 +232,54 @@ def _scan_stack(model: Losatok, x, mask, stack: str):
     return model.apply(stack, x, mask, method="run_stack")
 
 
-@functools.partial(jax.jit, static_argnames=("config", "dtype", "stack"))
-def _apply_layer(weights, x, mask, *, config: LosatokConfig, dtype: str, stack: str):
+def _layer(weights, x, mask, *, config: LosatokConfig, dtype: str, stack: str):
     _, layer = LAYER_STACKS[stack]
     block = layer(config, compute_dtype(dtype), cpu_layer=True)
     with full_float32_matmuls():
         return block.apply({"params": weights}, x, mask)[0]
 
 
+# XLA:CPU computes dots with YNNPACK by default. On the AVX2 EPYC (family 23) its products of
+# fewer than 64 rows take a slow path (a 25 x 1280 x 5120 product: 12.0 ms, Eigen's 7.3 ms): a
+# full-size encoder layer on 25 tokens takes 43.1 ms against 29.6 ms with Eigen's dots, a decoder
+# layer on 50 frames 37.0 against 26.0 ms; from 100 rows on the two are even, up to 4% apart
+# (`benchmarks/short_row_dots.py`). Layer programs on fewer rows than this use Eigen's dots.
+CPU_SHORT_ROWS = 100
+_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+_LAYER_STATICS = ("config", "dtype", "stack")
+_apply_layer = jax.jit(_layer, static_argnames=_LAYER_STATICS)
+_apply_short_layer = jax.jit(_layer, static_argnames=_LAYER_STATICS, compiler_options=_EIGEN_DOTS)
+
+
+@functools.cache
+def _eigen_dots_available() -> bool:
+    """Whether this jaxlib knows the option (an experimental one, which a later XLA may drop)."""
+    try:
+        jax.jit(lambda x: x @ x, compiler_options=_EIGEN_DOTS).lower(
+            jax.ShapeDtypeStruct((2, 2), jnp.float32)).compile()
+    except jax.errors.JaxRuntimeError:
+        return False
+    return True
+
+
+def _layer_program(x):
+    """The per-layer program for inputs shaped like `x` (rows: every axis but the last)."""
+    rows = int(np.prod(x.shape[:-1]))
+    return _apply_short_layer if rows < CPU_SHORT_ROWS and _eigen_dots_available() else _apply_layer
+
+
 def _run_stack(model: Losatok, stack: str, layers, x, mask):
     """The layers of `LAYER_STACKS[stack]`: one scan (`layers` None, as always inside a trace:
-    pmap or a caller's jit), or one `_apply_layer` call per layer on the separate per-layer
+    pmap or a caller's jit), or one `_layer_program` call per layer on the separate per-layer
     weights `layers[stack]` (`_per_layer_weights`), which spares XLA's CPU while loop its copy of
     each layer's weights out of the stacked arrays (at 25 tokens, 40% of a transformer block's
     time: `benchmarks/scan_overhead.py`) and runs each layer as `cpu_layer` (long rows' matmuls
     in blocks of `CPU_MATMUL_ROWS`)."""
     if layers is None:
         return _scan_stack(model, x, mask, stack)
+    program = _layer_program(x)
     for weights in layers[stack]:
-        x = _apply_layer(weights, x, mask, config=model.config, dtype=model.dtype, stack=stack)
+        x = program(weights, x, mask, config=model.config, dtype=model.dtype, stack=stack)
     return x
 
 
@@ -446,7 +475,7 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
         if not per_layer:
             return _scan_stack.lower(model, x, mask, name)
         layer = jax.tree.map(lambda w: spec(w.shape[1:], w.dtype), _stacked_weights(model, name))
-        return _apply_layer.lower(layer, x, mask, config=c, dtype=model.dtype, stack=name)
+        return _layer_program(x).lower(layer, x, mask, config=c, dtype=model.dtype, stack=name)
 
     lowered = []
     for b in buckets.batch_sizes:

@@ -199,15 +199,21 @@ def _lowered_round_trip(model, audio):
     return jax.jit(lambda m, x: decode(m, encode(m, x)["z"])).lower(model, audio)
 
 
-def _lowered_layers(model):
-    """The CPU Runner's per-layer programs, one semantic and one decoder layer."""
-    layers = losatok_jax.model.Runner(model).layers
+def _lowered_layer(model, stack: str, rows: int):
+    """The CPU Runner's per-layer program for one layer of `stack` on `rows` rows, lowered."""
     c = model.config
-    inputs = {"semantic": (jnp.zeros((1, 8, c.semantic.embed_dim)), jnp.ones((1, 8), bool)),
-              "decoder": (jnp.zeros((1, 8, c.decoder_embed_dim)), jnp.ones((1, 8, 1)))}
-    return [losatok_jax.model._apply_layer.lower(layers[stack][0], *inputs[stack], config=c,
-                                                 dtype=model.dtype, stack=stack)
-            for stack in inputs]
+    width = c.semantic.embed_dim if stack == "semantic" else c.decoder_embed_dim
+    x = jnp.zeros((1, rows, width))
+    mask = jnp.ones((1, rows), bool) if stack == "semantic" else jnp.ones((1, rows, 1))
+    weights = losatok_jax.model.Runner(model).layers[stack][0]
+    return losatok_jax.model._layer_program(x).lower(weights, x, mask, config=c,
+                                                     dtype=model.dtype, stack=stack)
+
+
+def _lowered_layers(model):
+    """Both stacks' per-layer programs, on short rows (Eigen's dots) and long ones (XLA's)."""
+    rows = (8, losatok_jax.model.CPU_SHORT_ROWS)
+    return [_lowered_layer(model, stack, n) for stack in ("semantic", "decoder") for n in rows]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -229,11 +235,21 @@ def test_a_matmul_precision_the_caller_sets_is_kept(model, audio, precision, lev
         round_trip = collections.Counter(_matmul_precisions(_lowered_round_trip(model, audio)))
         layers = [set(_matmul_precisions(lowered)) for lowered in _lowered_layers(model)]
         caller_z = encode(model, audio)["z"]
-    assert layers == [{(level, level)}] * 2
+    assert layers == [{(level, level)}] * 4
     assert set(round_trip) == {(level, level), ("HIGHEST", "HIGHEST")}
     assert round_trip[(level, level)] > round_trip[("HIGHEST", "HIGHEST")]
     # On CPU the precision changes nothing: the same bits either way.
     np.testing.assert_array_equal(caller_z, encode(model, audio)["z"])
+
+
+def test_cpu_layer_programs_on_short_rows_use_eigen_dots(model):
+    """XLA's default CPU dots (YNNPACK) are slow below about 100 rows on AVX2 cores; the layer
+    programs for fewer than CPU_SHORT_ROWS rows compile with Eigen's instead."""
+    short_rows = losatok_jax.model.CPU_SHORT_ROWS - 1
+    for stack in ("semantic", "decoder"):
+        assert "__ynn_fusion" not in _lowered_layer(model, stack, short_rows).compile().as_text()
+        long = _lowered_layer(model, stack, short_rows + 1).compile().as_text()
+        assert "__ynn_fusion" in long
 
 
 def test_runtime_package_never_imports_torch():

@@ -120,3 +120,19 @@ def test_gpu_goals_come_from_the_batched_encode_row():
     f32 = run.goals({"device": "gpu", "dtype": "float32", "rows": rows})
     assert not f32["gpu_batched_encode_at_least_0.4_of_bf16_peak"]["met"]  # not a bf16 run
     assert not f32["gpu_batched_encode_at_least_5x_pytorch_float32"]["met"]
+
+
+def test_short_row_dots_times_both_programs_per_row_count(tmp_path):
+    from benchmarks import short_row_dots
+    from conftest import GOLDEN_DIR
+
+    output = tmp_path / "dots.json"
+    short_row_dots.main(["--config", str(GOLDEN_DIR / "tiny_chunk40" / "config.yml"),
+                         "--rows", "8,120", "--layers", "2", "--repeats", "1",
+                         "--output", str(output)])
+    data = json.loads(output.read_text())
+    for stack in ("semantic", "decoder"):
+        assert [r["rows"] for r in data[stack]] == [8, 120]
+        for r in data[stack]:
+            assert r["xla_default_ms"] > 0 and r["eigen_ms"] > 0
+            assert r["speedup"] == pytest.approx(r["xla_default_ms"] / r["eigen_ms"])
