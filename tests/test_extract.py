@@ -137,16 +137,17 @@ def test_compute_dtype_and_a_rerun_with_other_settings(checkpoint, audio_folder,
                                                       model):
     """bfloat16 compute gives latents near float32's; the folder records it, and a re-run into
     it with other settings stops before touching anything."""
-    out = tmp_path / "bf16"
-    run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
+    out, manifest = tmp_path / "bf16", tmp_path / "one.txt"
+    manifest.write_text(f"{audio_folder / 'a.wav'}\n")
+    run_extract("--model_path", checkpoint, "--input", manifest, "--output_dir", out,
                 "--compute_dtype", "bfloat16", "--buckets", "32,64")
-    z = read_records(out)["a.wav"]["z"]
+    z = read_records(out)[str(audio_folder / "a.wav")]["z"]
     [expected] = losatok_jax.encode(model, [load_audio(audio_folder / "a.wav")], features=("z",))
     assert z.dtype == np.float32 and not np.array_equal(z, expected["z"])
     np.testing.assert_allclose(z, expected["z"], rtol=0, atol=0.05)
     assert json.loads((out / "extraction.json").read_text())["compute_dtype"] == "bfloat16"
     files = {p.name: p.read_bytes() for p in out.iterdir()}
-    result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
+    result = run_extract("--model_path", checkpoint, "--input", manifest, "--output_dir", out,
                          "--features", "z,mu", "--buckets", "32,64", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--features z --compute_dtype bfloat16" in result.stderr
