@@ -25,7 +25,8 @@ import numpy as np
 
 from losatok_jax import audio_io, compilation
 from losatok_jax.config import ConfigError
-from losatok_jax.model import COMPUTE_DTYPES, FEATURE_KEYS, as_audio_batch, load_losatok, reconstruct
+from losatok_jax.model import (COMPUTE_DTYPES, FEATURE_KEYS, as_audio_batch, load_losatok,
+                               reconstruct)
 
 DEFAULT_CONFIG = "config/16k_16k_25Hz_losatok.yml"
 SAMPLE_RATE = 16000
