@@ -969,8 +969,8 @@ def goals(results: dict) -> dict:
                                                "worst_min_cosine": min(cosines)}
     if results["device"] == "cpu":
         out["gpu_goals"] = NOT_MEASURED_GPU
-    batched = [r for r in rows if r["operation"] == "encode" and r["clips"] > 1 and "jax" in r]
-    if results["device"] == "gpu" and batched:
+    elif batched := [r for r in rows if r["operation"] == "encode" and r["clips"] > 1
+                     and "jax" in r]:
         row, low = batched[0], results["dtype"] != "float32"
         fraction = row["jax"]["fraction_of_matmul_peak"]
         out["gpu_batched_encode_at_least_0.4_of_bf16_peak"] = {

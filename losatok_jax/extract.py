@@ -330,6 +330,7 @@ def run(args) -> Progress:
 
 def _parser() -> argparse.ArgumentParser:
     from losatok_jax._batching import DEFAULT_BUCKETS
+    from losatok_jax.data import STORAGE_DTYPES
     from losatok_jax.model import COMPUTE_DTYPES
 
     parser = argparse.ArgumentParser(prog="python -m losatok_jax.extract",
@@ -338,7 +339,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--input", required=True, help="folder, .txt or .jsonl manifest")
     parser.add_argument("--output_dir", required=True, help="where shards and indexes go")
     parser.add_argument("--features", default="z", help="comma-separated features to store")
-    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", default="float32", choices=tuple(STORAGE_DTYPES),
                         help="storage dtype of the features")
     parser.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
                         help="dtype the model computes in: float32 is the exact port; bfloat16 "

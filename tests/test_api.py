@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import losatok_jax
+from benchmarks.short_row_dots import layer_inputs
 from conftest import GOLDEN_DIR, broadband_audio
 from losatok_jax import FEATURE_KEYS, decode, encode, reconstruct
 
@@ -202,9 +203,7 @@ def _lowered_round_trip(model, audio):
 def _lowered_layer(model, stack: str, rows: int):
     """The CPU Runner's per-layer program for one layer of `stack` on `rows` rows, lowered."""
     c = model.config
-    width = c.semantic.embed_dim if stack == "semantic" else c.decoder_embed_dim
-    x = jnp.zeros((1, rows, width))
-    mask = jnp.ones((1, rows), bool) if stack == "semantic" else jnp.ones((1, rows, 1))
+    x, mask = layer_inputs(c, stack, rows)
     weights = losatok_jax.model.Runner(model).layers[stack][0]
     return losatok_jax.model._layer_program(x).lower(weights, x, mask, config=c,
                                                      dtype=model.dtype, stack=stack)
