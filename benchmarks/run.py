@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import statistics
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -712,9 +713,15 @@ def checkpoint_worker(spec: dict) -> dict:
     from losatok_jax import checkpoint
 
     path = Path(spec["checkpoint"])
-    if not (path / checkpoint.CONFIG_FILE).exists():
-        model = load_jax_model(Path(spec["weights"]), make_config(spec["sizes"]), "float32")
-        checkpoint.save(path, model)
+    if (path / checkpoint.CONFIG_FILE).exists():
+        try:
+            checkpoint.load(path)
+            return {"checkpoint": str(path)}
+        except checkpoint.CheckpointError as stale:  # written by an earlier version: convert anew
+            print(f"  {stale}", flush=True)
+            shutil.rmtree(path)
+    model = load_jax_model(Path(spec["weights"]), make_config(spec["sizes"]), "float32")
+    checkpoint.save(path, model)
     return {"checkpoint": str(path)}
 
 

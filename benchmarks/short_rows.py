@@ -14,8 +14,8 @@ not grow with rows (reading the 2.5 GB of weights, at `stream_gb_per_s`) and one
 peak at T rows is at most compute / (stream + compute). `memory_read_gb_per_s` (a plain jitted
 sum) is how fast this machine can read memory, for comparison with the stream rate.
 
-Layouts: `in_out` is x @ W with W stored (in, out), as Flax's Dense and this package's checkpoints
-hold it; `out_in` is x @ Wᵀ with W stored (out, in), as PyTorch's Linear holds it (`F.linear`).
+Layouts: `in_out` is x @ W with W stored (in, out), as Flax's Dense holds it; `out_in` is x @ Wᵀ
+with W stored (out, in), as PyTorch's Linear (`F.linear`) and this package's checkpoints hold it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
 """Upstream state-dict keys -> the Flax parameter tree, as one table of rules (numpy only).
 
 The Flax tree mirrors upstream's module names, so a key keeps its path and only its leaf changes:
-PyTorch's `weight` becomes `kernel` (re-laid out) or `scale`, per-layer keys of repeated blocks are
-stacked on a leading axis, and buffers that are recomputed (windows, mel filterbanks) are checked
-against our own computation and dropped.
+a linear layer's `weight` is copied as it is ((out, in), as `_layers.Linear` holds it), a
+convolution's becomes `kernel` (re-laid out) and a norm's `scale`; per-layer keys of repeated
+blocks are stacked on a leading axis, and buffers that are recomputed (windows, mel filterbanks)
+are checked against our own computation and dropped.
 """
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ from losatok_jax import spectral
 from losatok_jax.config import LosatokConfig
 
 
-def _linear(w):  # (out, in) -> (in, out)
-    return w.T
-
-
-def _patch_conv(w):  # Conv2d (E, 1, bins, frames) -> Dense over frame-major patches (frames·bins, E)
-    return w[:, 0].transpose(2, 1, 0).reshape(-1, w.shape[0])
+def _patch_conv(w):  # Conv2d (E, 1, bins, frames) -> Linear on frame-major patches (E, frames·bins)
+    return w[:, 0].transpose(0, 2, 1).reshape(w.shape[0], -1)
 
 
 def _conv1d(w):  # (out, in/groups, k) -> (k, in/groups, out)
@@ -50,12 +47,11 @@ RULES: tuple[tuple[str, str, Callable[[np.ndarray], np.ndarray]], ...] = (
     (r"(.*\.init_bn)\.running_var", r"\1.var", _same),
     (r"(.*)\.time_pos_embed", r"\1.time_pos_embed", _time_pos),
     (r"(.*)\.freq_pos_embed", r"\1.freq_pos_embed", np.ravel),
-    (r"(.*\.patch_embed(?:\.proj)?)\.weight", r"\1.kernel", _patch_conv),
+    (r"(.*\.patch_embed(?:\.proj)?)\.weight", r"\1.weight", _patch_conv),
     (r"(.*\.(?:embed|dwconv))\.weight", r"\1.kernel", _conv1d),
     (r"(.*\.upsampler)\.weight", r"\1.kernel", _conv_transpose1d),
     (r"(.*(?:norm|norm1|norm2|final_layer_norm))\.weight", r"\1.scale", _same),
-    (r"(.*)\.weight", r"\1.kernel", _linear),
-    (r"(.*)\.(bias|gamma)", r"\1.\2", _same),
+    (r"(.*)\.(weight|bias|gamma)", r"\1.\2", _same),
 )
 
 # Repeated layers: upstream `<stack>.<i>.<rest>` becomes Flax `<stack>.<rest>` stacked over i.

@@ -11,7 +11,6 @@ does that for bfloat16 inputs).
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from typing import Any
@@ -48,14 +47,29 @@ def layer_norm(epsilon: float, name: str | None = None, dtype: Dtype = None) -> 
     return nn.LayerNorm(epsilon=epsilon, use_fast_variance=False, dtype=dtype, name=name)
 
 
-def dense(features: int, name: str, dtype: Dtype = None, *, float32_output: bool = False,
-          use_bias: bool = True) -> nn.Dense:
-    """nn.Dense computing in `dtype`; with `float32_output` a low-precision product is returned in
-    float32 (accumulated in float32), for outputs that feed float32-only stages."""
-    dot_general = None
-    if dtype is not None and float32_output:
-        dot_general = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, dot_general=dot_general, name=name)
+class Linear(nn.Module):
+    """x · Wᵀ + b with W stored (out, in), as PyTorch's nn.Linear holds it: converted weights are
+    upstream's arrays unchanged. XLA's CPU dots read this layout faster than Flax's (in, out): a
+    full-size encoder layer on 25 tokens takes 20.5 ms against 32.4 ms (22.9 ms with Eigen's
+    dots), on 252 tokens 149 ms against 155 ms (`benchmarks/kernel_layout.py`). Computes in
+    `dtype`; with `float32_output` a low-precision product is returned in float32 (accumulated
+    in float32), for outputs that feed float32-only stages."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = None
+    float32_output: bool = False
+
+    @nn.compact
+    def __call__(self, x):  # (..., in) -> (..., features)
+        init = nn.initializers.lecun_normal(in_axis=-1, out_axis=-2)
+        weight = self.param("weight", init, (self.features, x.shape[-1]))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
+        x, weight, bias = nn.dtypes.promote_dtype(x, weight, bias, dtype=self.dtype)
+        accumulate = jnp.float32 if self.dtype is not None and self.float32_output else None
+        y = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())),
+                                preferred_element_type=accumulate)
+        return y if bias is None else y + bias
 
 
 def in_row_blocks(fn, x, max_rows: int | None):
@@ -94,10 +108,10 @@ class Attention(nn.Module):
     def __call__(self, x, mask):  # x: (B, L, E), mask: (B, L) bool
         batch, length, width = x.shape
         head_dim = width // self.num_heads
-        qkv = dense(3 * width, "qkv", self.dtype, use_bias=self.qkv_bias)(x)
+        qkv = Linear(3 * width, self.qkv_bias, self.dtype, name="qkv")(x)
         q, k, v = jnp.moveaxis(qkv.reshape(batch, length, 3, self.num_heads, head_dim), 2, 0)
         out = attention(q, k, v, mask, head_dim ** -0.5, fused=self.dtype is not None)
-        return dense(width, "proj", self.dtype)(out.reshape(batch, length, width))
+        return Linear(width, dtype=self.dtype, name="proj")(out.reshape(batch, length, width))
 
 
 def key_lengths(mask):
@@ -147,8 +161,8 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        fc1 = dense(self.hidden_dim, "fc1", self.dtype)
-        fc2 = dense(x.shape[-1], "fc2", self.dtype)
+        fc1 = Linear(self.hidden_dim, dtype=self.dtype, name="fc1")
+        fc2 = Linear(x.shape[-1], dtype=self.dtype, name="fc2")
         return in_row_blocks(lambda rows: fc2(gelu(fc1(rows))), x, self.max_rows)
 
 
@@ -191,8 +205,8 @@ class ConvNeXtBlock(nn.Module):
         width = x.shape[-1]
         y = DepthwiseConv1d(7, self.dtype, name="dwconv")(x * keep)
         norm = layer_norm(1e-6, "norm", self.dtype)
-        pwconv1 = dense(self.intermediate_dim, "pwconv1", self.dtype)
-        pwconv2 = dense(width, "pwconv2", self.dtype)
+        pwconv1 = Linear(self.intermediate_dim, dtype=self.dtype, name="pwconv1")
+        pwconv2 = Linear(width, dtype=self.dtype, name="pwconv2")
         y = in_row_blocks(lambda rows: pwconv2(gelu(pwconv1(norm(rows)))), y, self.max_rows)
         gamma = self.param("gamma", nn.initializers.constant(self.layer_scale_init), (width,))
         return x + gamma * y, None

@@ -12,7 +12,8 @@ Repeated layers (`blocks`, `convnext`) are `nn.scan`s over stacked parameters, s
 not grow with depth; `encode` and `decode` are split into stages around them (`encode_stem`,
 `run_stack`, `encode_finish`; `decode_stem`, `run_stack`, `decode_finish`) so that the CPU runner
 can run one compiled layer per layer instead (`LAYER_STACKS`). Spectral front ends and the ISTFT
-are parameter-free (`spectral.py`).
+are parameter-free (`spectral.py`). Every linear layer is a `_layers.Linear`, its `weight` stored
+(out, in) as upstream's.
 Shape letters: B batch, N samples, F frames, T tokens, E/C/D/I widths.
 
 `AudioVAE(config, dtype=...)` chooses the compute dtype of the heavy layers: the transformer blocks
@@ -33,12 +34,12 @@ import jax
 import jax.numpy as jnp
 
 from losatok_jax import spectral
-from losatok_jax._layers import (ConvNeXtBlock, TransformerBlock, compute_dtype, dense, gelu,
+from losatok_jax._layers import (ConvNeXtBlock, Linear, TransformerBlock, compute_dtype, gelu,
                                  layer_norm)
 from losatok_jax.config import LosatokConfig, SemanticEncoderConfig
 
 # Parameter-tree prefixes of the layers that compute in the model's dtype; `Losatok.astype` stores
-# the kernels under them in that dtype (every other parameter stays float32).
+# the weights and kernels under them in that dtype (every other parameter stays float32).
 LOW_PRECISION_SCOPES = (("semantic_encoder", "encoder", "blocks"),
                         ("dasheng_tokenizer", "decoder", "backbone"),
                         ("dasheng_tokenizer", "decoder", "head"))
@@ -104,7 +105,7 @@ def patchify(spectrogram, frames_per_token: int):
     """(B, F, bins) -> (B, F // frames_per_token, frames_per_token · bins), trailing frames dropped.
 
     Patches are flattened frame-major, (frames, bins), so this is a plain reshape; upstream's
-    (bins x frames) patch conv becomes a Dense over these vectors.
+    (bins x frames) patch conv becomes a Linear over these vectors.
     """
     batch, frames, bins = spectrogram.shape
     tokens = frames // frames_per_token
@@ -117,7 +118,7 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, spectrogram):  # (B, F, bins) -> (B, T, width)
-        return nn.Dense(self.width, name="proj")(patchify(spectrogram, self.frames_per_token))
+        return Linear(self.width, name="proj")(patchify(spectrogram, self.frames_per_token))
 
 
 class AudioTransformer(nn.Module):
@@ -172,7 +173,7 @@ class BottleneckMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        return nn.Dense(self.out_dim, name="2")(gelu(nn.Dense(self.hidden_dim, name="0")(x)))
+        return Linear(self.out_dim, name="2")(gelu(Linear(self.hidden_dim, name="0")(x)))
 
 
 class SemBo(nn.Module):
@@ -206,7 +207,7 @@ class AcousticEncoder(nn.Module):
     @nn.compact
     def __call__(self, log_mel):  # (B, F, 128) -> (B, T, E)
         c = self.config
-        x = nn.Dense(c.embed_dim, name="patch_embed")(patchify(log_mel, c.frames_per_token))
+        x = Linear(c.embed_dim, name="patch_embed")(patchify(log_mel, c.frames_per_token))
         return layer_norm(1e-5, "norm")(x)
 
 
@@ -254,7 +255,7 @@ class ISTFTHead(nn.Module):
     def __call__(self, x, keep):  # (B, F, C), (B, F, 1) -> (B, F · istft_hop)
         c = self.config
         bins = c.istft_n_fft // 2 + 1
-        out = dense(2 * bins, "out", self.dtype, float32_output=True)(x)
+        out = Linear(2 * bins, dtype=self.dtype, float32_output=True, name="out")(x)
         return spectral.istft_same(out[..., :bins], out[..., bins:], keep,
                                    n_fft=c.istft_n_fft, hop=c.istft_hop)
 
@@ -296,9 +297,9 @@ class AudioVAE(nn.Module):
         dtype = compute_dtype(self.dtype)
         self.semantic_encoder = SemanticEncoder(c, dtype)
         self.dasheng_tokenizer = DashengTokenizer(c, dtype)
-        self.fc_a = nn.Dense(c.decoder_dim)
-        self.fc_mu = nn.Dense(c.decoder_dim)
-        self.fc_logvar = nn.Dense(c.decoder_dim)
+        self.fc_a = Linear(c.decoder_dim)
+        self.fc_mu = Linear(c.decoder_dim)
+        self.fc_logvar = Linear(c.decoder_dim)
 
     def encode(self, audio, noise=None):
         """(B, N) clips, each N samples long -> the nine upstream features plus both log-mels

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from flax.traverse_util import flatten_dict
 
 from losatok_jax.config import ConfigError, LosatokConfig
 from losatok_jax.model import Losatok, init_params
@@ -61,13 +62,33 @@ def load(path: str | os.PathLike) -> Losatok:
     # works the same under jax.distributed as alone.
     this_process = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
                                                       active_processes={jax.process_index()})
+    checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
     try:
-        checkpointer = ocp.StandardCheckpointer(multiprocessing_options=this_process)
         params = checkpointer.restore(path / PARAMS_DIR, target)
     except Exception as e:  # Orbax and TensorStore raise bare Exceptions for damaged data
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot restore parameters for config.json ({reason})") from e
+        message = f"{path}: cannot restore parameters for config.json ({reason})"
+        raise CheckpointError(_mismatch(checkpointer, path, target) or message) from e
     return Losatok(jax.tree.map(jnp.asarray, params), config)
+
+
+def _mismatch(checkpointer, path: Path, target) -> str | None:
+    """Why the stored parameter names differ from the model's, or None where they agree."""
+    try:
+        stored = set(flatten_dict(dict(checkpointer.metadata(path / PARAMS_DIR).item_metadata)))
+    except Exception:  # unreadable metadata: the restore error says enough
+        return None
+    expected = set(flatten_dict(target))
+    if stored == expected:
+        return None
+    if any(key[:-1] + ("kernel",) in stored for key in expected - stored if key[-1] == "weight"):
+        return (f"{path} was converted by an earlier losatok-jax, which stored linear layers as "
+                f"(in, out) `kernel`s; convert the upstream .pth files again with "
+                f"convert/torch_to_orbax.py")
+    names = sorted("/".join(k) for k in expected - stored)
+    extra = sorted("/".join(k) for k in stored - expected)
+    return (f"{path}: parameters do not match config.json (missing: {', '.join(names[:3]) or '-'}"
+            f"; unexpected: {', '.join(extra[:3]) or '-'})")
 
 
 def check_same_config(given: LosatokConfig, stored: LosatokConfig, given_path, stored_path):

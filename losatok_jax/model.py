@@ -36,7 +36,7 @@ class Losatok:
     the Vocos decoder's matmuls and convolutions in bfloat16 (float32 residual streams, LayerNorm
     statistics, GELU, attention softmax, front ends, ISTFT; outputs stay float32): use
     `model.astype("bfloat16")` or `load_losatok(path, dtype="bfloat16")`, which also store those
-    layers' kernels in bfloat16 (half the memory). `config` and `dtype` are static: jitted
+    layers' weights in bfloat16 (half the memory). `config` and `dtype` are static: jitted
     functions compile once per (config, dtype).
     """
 
@@ -52,15 +52,15 @@ class Losatok:
         return AudioVAE(self.config, dtype=self.dtype)
 
     def astype(self, dtype) -> "Losatok":
-        """This model computing in `dtype`, with the kernels of the layers that compute in it
-        (`_modules.LOW_PRECISION_SCOPES`) stored in it; every other parameter stays float32.
+        """This model computing in `dtype`, with the weights and kernels of the layers that compute
+        in it (`_modules.LOW_PRECISION_SCOPES`) stored in it; every other parameter stays float32.
         `astype("float32")` restores float32 storage (values already rounded stay rounded)."""
         dtype = _dtype_name(dtype)
 
         def cast(path, leaf):
             names = tuple(getattr(k, "key", str(k)) for k in path)
-            low = names[-1] == "kernel" and any(names[:len(scope)] == scope
-                                                 for scope in LOW_PRECISION_SCOPES)
+            low = names[-1] in ("weight", "kernel") and any(names[:len(scope)] == scope
+                                                            for scope in LOW_PRECISION_SCOPES)
             return leaf.astype(dtype if low else jnp.float32) if hasattr(leaf, "astype") else leaf
 
         return Losatok(jax.tree_util.tree_map_with_path(cast, self.params), self.config, dtype)
@@ -239,47 +239,20 @@ def _layer(weights, x, mask, *, config: LosatokConfig, dtype: str, stack: str):
         return block.apply({"params": weights}, x, mask)[0]
 
 
-# XLA:CPU computes dots with YNNPACK by default. On the AVX2 EPYC (family 23) its products of
-# fewer than 64 rows take a slow path (a 25 x 1280 x 5120 product: 12.0 ms, Eigen's 7.3 ms): a
-# full-size encoder layer on 25 tokens takes 43.1 ms against 29.6 ms with Eigen's dots, a decoder
-# layer on 50 frames 37.0 against 26.0 ms; from 100 rows on the two are even, up to 4% apart
-# (`benchmarks/short_row_dots.py`). Layer programs on fewer rows than this use Eigen's dots.
-CPU_SHORT_ROWS = 100
-_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-_LAYER_STATICS = ("config", "dtype", "stack")
-_apply_layer = jax.jit(_layer, static_argnames=_LAYER_STATICS)
-_apply_short_layer = jax.jit(_layer, static_argnames=_LAYER_STATICS, compiler_options=_EIGEN_DOTS)
-
-
-@functools.cache
-def _eigen_dots_available() -> bool:
-    """Whether this jaxlib knows the option (an experimental one, which a later XLA may drop)."""
-    try:
-        jax.jit(lambda x: x @ x, compiler_options=_EIGEN_DOTS).lower(
-            jax.ShapeDtypeStruct((2, 2), jnp.float32)).compile()
-    except jax.errors.JaxRuntimeError:
-        return False
-    return True
-
-
-def _layer_program(x):
-    """The per-layer program for inputs shaped like `x` (rows: every axis but the last)."""
-    rows = int(np.prod(x.shape[:-1]))
-    return _apply_short_layer if rows < CPU_SHORT_ROWS and _eigen_dots_available() else _apply_layer
+_apply_layer = jax.jit(_layer, static_argnames=("config", "dtype", "stack"))
 
 
 def _run_stack(model: Losatok, stack: str, layers, x, mask):
     """The layers of `LAYER_STACKS[stack]`: one scan (`layers` None, as always inside a trace:
-    pmap or a caller's jit), or one `_layer_program` call per layer on the separate per-layer
+    pmap or a caller's jit), or one `_apply_layer` call per layer on the separate per-layer
     weights `layers[stack]` (`_per_layer_weights`), which spares XLA's CPU while loop its copy of
     each layer's weights out of the stacked arrays (at 25 tokens, 40% of a transformer block's
     time: `benchmarks/scan_overhead.py`) and runs each layer as `cpu_layer` (long rows' matmuls
     in blocks of `CPU_MATMUL_ROWS`)."""
     if layers is None:
         return _scan_stack(model, x, mask, stack)
-    program = _layer_program(x)
     for weights in layers[stack]:
-        x = program(weights, x, mask, config=model.config, dtype=model.dtype, stack=stack)
+        x = _apply_layer(weights, x, mask, config=model.config, dtype=model.dtype, stack=stack)
     return x
 
 
@@ -475,7 +448,7 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
         if not per_layer:
             return _scan_stack.lower(model, x, mask, name)
         layer = jax.tree.map(lambda w: spec(w.shape[1:], w.dtype), _stacked_weights(model, name))
-        return _layer_program(x).lower(layer, x, mask, config=c, dtype=model.dtype, stack=name)
+        return _apply_layer.lower(layer, x, mask, config=c, dtype=model.dtype, stack=name)
 
     lowered = []
     for b in buckets.batch_sizes:

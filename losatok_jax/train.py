@@ -77,7 +77,8 @@ class LossWeights:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Optimisation hyperparameters. AdamW with linear warmup then cosine decay to
-    `final_lr_ratio · learning_rate` at `steps`; weight decay only on kernels."""
+    `final_lr_ratio · learning_rate` at `steps`; weight decay only on linear weights and
+    convolution kernels."""
 
     steps: int = 10000
     learning_rate: float = 1e-4
@@ -137,7 +138,7 @@ def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+            lambda path, _: getattr(path[-1], "key", None) in ("weight", "kernel"), params)
 
     return optax.chain(
         optax.clip_by_global_norm(c.max_grad_norm),
@@ -423,7 +424,7 @@ def _parser() -> argparse.ArgumentParser:
     option("--learning_rate", "peak learning rate", type=float, default=defaults.learning_rate)
     option("--warmup_steps", "linear warmup steps before the cosine decay; None: 5%% of --steps",
            type=int, default=None)
-    option("--weight_decay", "AdamW weight decay, on kernels only", type=float,
+    option("--weight_decay", "AdamW weight decay, on weights and kernels only", type=float,
            default=defaults.weight_decay)
     option("--max_grad_norm", "clip gradients to this global norm", type=float,
            default=defaults.max_grad_norm)

@@ -65,6 +65,18 @@ def run_converter(config_path, model_path, output_dir, semantic_encoder_path=Non
     return torch_to_orbax.main(argv)
 
 
+def in_out_kernels(tree: dict) -> dict:
+    """Every linear `weight` (out, in) as the (in, out) `kernel` Flax's Dense holds (and this
+    package stored before its checkpoints took PyTorch's layout); stacked weights too."""
+    converted = {}
+    for key, value in tree.items():
+        if key == "weight":
+            converted["kernel"] = np.swapaxes(np.asarray(value), -1, -2)
+        else:
+            converted[key] = in_out_kernels(value) if isinstance(value, dict) else value
+    return converted
+
+
 def broadband_audio(batch: int, num_samples: int, seed: int) -> np.ndarray:
     """Coloured Gaussian noise with a slow amplitude modulation, peak 0.1, float32 (B, N).
 

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import losatok_jax
-from benchmarks.short_row_dots import layer_inputs
+from benchmarks.kernel_layout import layer_inputs
 from conftest import GOLDEN_DIR, broadband_audio
 from losatok_jax import FEATURE_KEYS, decode, encode, reconstruct
 
@@ -205,14 +205,13 @@ def _lowered_layer(model, stack: str, rows: int):
     c = model.config
     x, mask = layer_inputs(c, stack, rows)
     weights = losatok_jax.model.Runner(model).layers[stack][0]
-    return losatok_jax.model._layer_program(x).lower(weights, x, mask, config=c,
-                                                     dtype=model.dtype, stack=stack)
+    return losatok_jax.model._apply_layer.lower(weights, x, mask, config=c, dtype=model.dtype,
+                                                stack=stack)
 
 
 def _lowered_layers(model):
-    """Both stacks' per-layer programs, on short rows (Eigen's dots) and long ones (XLA's)."""
-    rows = (8, losatok_jax.model.CPU_SHORT_ROWS)
-    return [_lowered_layer(model, stack, n) for stack in ("semantic", "decoder") for n in rows]
+    """Both stacks' per-layer programs."""
+    return [_lowered_layer(model, stack, 8) for stack in ("semantic", "decoder")]
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -234,21 +233,23 @@ def test_a_matmul_precision_the_caller_sets_is_kept(model, audio, precision, lev
         round_trip = collections.Counter(_matmul_precisions(_lowered_round_trip(model, audio)))
         layers = [set(_matmul_precisions(lowered)) for lowered in _lowered_layers(model)]
         caller_z = encode(model, audio)["z"]
-    assert layers == [{(level, level)}] * 4
+    assert layers == [{(level, level)}] * 2
     assert set(round_trip) == {(level, level), ("HIGHEST", "HIGHEST")}
     assert round_trip[(level, level)] > round_trip[("HIGHEST", "HIGHEST")]
     # On CPU the precision changes nothing: the same bits either way.
     np.testing.assert_array_equal(caller_z, encode(model, audio)["z"])
 
 
-def test_cpu_layer_programs_on_short_rows_use_eigen_dots(model):
-    """XLA's default CPU dots (YNNPACK) are slow below about 100 rows on AVX2 cores; the layer
-    programs for fewer than CPU_SHORT_ROWS rows compile with Eigen's instead."""
-    short_rows = losatok_jax.model.CPU_SHORT_ROWS - 1
-    for stack in ("semantic", "decoder"):
-        assert "__ynn_fusion" not in _lowered_layer(model, stack, short_rows).compile().as_text()
-        long = _lowered_layer(model, stack, short_rows + 1).compile().as_text()
-        assert "__ynn_fusion" in long
+def test_layer_programs_read_linear_weights_as_stored(model):
+    """Every weight product contracts the (out, in) weight's last axis, the layout XLA's CPU dots
+    read fastest (`benchmarks/kernel_layout.py`), with no transposed copy of a weight."""
+    for lowered in _lowered_layers(model):
+        compiled = lowered.compile().as_text()
+        products = [line for line in compiled.splitlines()
+                    if " dot(" in line and "lhs_batch_dims" not in line]
+        assert len(products) >= 2
+        assert all("rhs_contracting_dims={1}" in line for line in products)
+        assert not re.search(r"(transpose|copy)\([^)]*weight", compiled)
 
 
 def test_runtime_package_never_imports_torch():
@@ -263,13 +264,13 @@ def test_runtime_package_never_imports_torch():
 def test_cpu_runner_runs_layers_on_views_of_the_stacked_weights(model):
     """The CPU Runner's per-layer weights are the stacked arrays' memory, not copies."""
     layers = losatok_jax.model.Runner(model).layers
-    stacked = model.params["semantic_encoder"]["encoder"]["blocks"]["mlp"]["fc1"]["kernel"]
-    per_layer = [weights["mlp"]["fc1"]["kernel"] for weights in layers["semantic"]]
+    stacked = model.params["semantic_encoder"]["encoder"]["blocks"]["mlp"]["fc1"]["weight"]
+    per_layer = [weights["mlp"]["fc1"]["weight"] for weights in layers["semantic"]]
     assert len(per_layer) == model.config.semantic.depth
-    for i, kernel in enumerate(per_layer):
-        np.testing.assert_array_equal(kernel, stacked[i])
-        offset = kernel.unsafe_buffer_pointer() - stacked.unsafe_buffer_pointer()
-        assert offset == i * kernel.nbytes
+    for i, weight in enumerate(per_layer):
+        np.testing.assert_array_equal(weight, stacked[i])
+        offset = weight.unsafe_buffer_pointer() - stacked.unsafe_buffer_pointer()
+        assert offset == i * weight.nbytes
     assert losatok_jax.model.Runner(model).layers is layers  # built once per model
 
 
@@ -295,7 +296,7 @@ def test_per_layer_weights_follow_parameters_replaced_in_place(model, audio):
     other = losatok_jax.Losatok(jax.tree.map(lambda p: p, model.params), model.config)
     before = encode(other, audio)["z"]
     blocks = other.params["semantic_encoder"]["encoder"]["blocks"]
-    blocks["mlp"]["fc2"]["kernel"] = blocks["mlp"]["fc2"]["kernel"] * 1.5
+    blocks["mlp"]["fc2"]["weight"] = blocks["mlp"]["fc2"]["weight"] * 1.5
     after = encode(other, audio)["z"]
     scanned = losatok_jax.model.Runner(other)
     scanned.layers = None

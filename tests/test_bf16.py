@@ -36,7 +36,7 @@ def test_astype_casts_only_the_heavy_kernels(model, model16):
     assert model.dtype == "float32" and model16.dtype == "bfloat16"
     cast = 0
     for name, leaf in _leaves(model16.params).items():
-        heavy = name.endswith("/kernel") and any(
+        heavy = name.endswith(("/weight", "/kernel")) and any(
             name.startswith("/".join(scope) + "/") for scope in LOW_PRECISION_SCOPES)
         assert leaf.dtype == (jnp.bfloat16 if heavy else jnp.float32), name
         cast += heavy
@@ -96,7 +96,7 @@ def test_load_losatok_bfloat16(golden_checkpoint, signals):
     model16 = losatok_jax.load_losatok(golden_checkpoint("tiny_chunk40"), dtype="bfloat16")
     assert model16.dtype == "bfloat16"
     qkv = model16.params["semantic_encoder"]["encoder"]["blocks"]["attn"]["qkv"]
-    assert qkv["kernel"].dtype == jnp.bfloat16 and qkv["bias"].dtype == jnp.float32
+    assert qkv["weight"].dtype == jnp.bfloat16 and qkv["bias"].dtype == jnp.float32
     recon, features = losatok_jax.reconstruct(model16, signals["speech"][None], features=("z",))
     assert recon.dtype == np.float32 and np.isfinite(recon).all()
 

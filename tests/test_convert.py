@@ -71,7 +71,7 @@ def _perturb_filterbank(state):
 @pytest.mark.parametrize("modify, fragments", [
     (_drop_fc_a_bias, ["missing key fc_a.bias"]),
     (_add_foo, ["unexpected key foo.weight"]),
-    (_reshape_fc_a, ["shape mismatch at fc_a.weight", "(65, 16)", "(64, 16)"]),
+    (_reshape_fc_a, ["shape mismatch at fc_a.weight", "(16, 65)", "(16, 64)"]),
     (_perturb_filterbank, [f"buffer {FB_KEY} differs"]),
 ], ids=["missing-key", "extra-key", "wrong-shape", "wrong-buffer"])
 def test_refuses_a_checkpoint_that_does_not_fit(tmp_path, capsys, golden_state, modify,

@@ -6,11 +6,12 @@ Orbax directory, and run through the public API. Run with `-s` to see the max|Δ
 """
 
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 import losatok_jax
-from conftest import GOLDEN_CASES, GOLDEN_DIR
-from losatok_jax import ConfigError, LosatokConfig, load_config
+from conftest import GOLDEN_CASES, GOLDEN_DIR, in_out_kernels
+from losatok_jax import ConfigError, LosatokConfig, checkpoint, load_config
 
 EMBEDDING_TOL, AUDIO_TOL, LOGMEL_TOL = 1e-4, 1e-5, 1e-3
 TOLERANCES = {
@@ -97,3 +98,27 @@ def test_load_with_a_different_yaml_raises(golden_checkpoint):
     other_yaml = GOLDEN_DIR / "tiny_chunk1008" / "config.yml"
     with pytest.raises(ConfigError, match="decoder_dim"):
         losatok_jax.load_losatok(golden_checkpoint("tiny_chunk40"), config_path=other_yaml)
+
+
+def _save_params(path, params, config_json: str):
+    """A checkpoint directory as `checkpoint.save` lays it out, with any parameter tree."""
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(path / checkpoint.PARAMS_DIR, params)
+    checkpointer.wait_until_finished()
+    (path / checkpoint.CONFIG_FILE).write_text(config_json)
+
+
+def test_loading_a_checkpoint_of_another_layout_says_what_to_do(golden_model, tmp_path):
+    """A checkpoint whose parameter names differ from the model's is refused with a message that
+    says why: linear layers stored (in, out) by an earlier version, or which names differ."""
+    model = golden_model("tiny_chunk40")
+    _save_params(tmp_path / "old", in_out_kernels(model.params), model.config.to_json())
+    with pytest.raises(checkpoint.CheckpointError, match="earlier losatok-jax.*convert the "
+                                                         "upstream .pth files again"):
+        losatok_jax.load_losatok(tmp_path / "old")
+    params = dict(model.params)
+    del params["fc_a"]
+    _save_params(tmp_path / "partial", params, model.config.to_json())
+    with pytest.raises(checkpoint.CheckpointError, match=r"do not match config.json \(missing: "
+                                                         r"fc_a/bias, fc_a/weight; unexpected: -"):
+        losatok_jax.load_losatok(tmp_path / "partial")
