@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import losatok_jax
 from losatok_jax import Buckets, FEATURE_KEYS
-from losatok_jax._batching import Piece, decode_pieces, decoder_halo, encode_pieces
+from losatok_jax._batching import decode_pieces, decoder_halo, encode_pieces
 
 # Encode rows: 4 tokens or one 10-token chunk; decode rows: 4, 16 or 64 tokens.
 SMALL = Buckets(batch_sizes=(1, 2, 4), num_tokens=(4, 16, 64))
