@@ -56,9 +56,13 @@ def layout(program: str):
 
 
 def layer_inputs(config, stack: str, rows: int):
+    """One batch of `rows` rows as the model runs them: encoder rows in semantic chunks (a batch
+    of `rows / chunk_tokens` chunks where that divides), decoder rows as one sequence."""
     if stack == "semantic":
-        x = jax.random.normal(jax.random.key(0), (1, rows, config.semantic.embed_dim))
-        return x, jnp.ones((1, rows), bool)
+        chunk = config.semantic.chunk_tokens
+        shape = (rows // chunk, chunk) if rows > chunk and rows % chunk == 0 else (1, rows)
+        x = jax.random.normal(jax.random.key(0), (*shape, config.semantic.embed_dim))
+        return x, jnp.ones(shape, bool)
     x = jax.random.normal(jax.random.key(0), (1, rows, config.decoder_embed_dim))
     return x, jnp.ones((1, rows, 1))
 

@@ -50,8 +50,8 @@ def layer_norm(epsilon: float, name: str | None = None, dtype: Dtype = None) -> 
 class Linear(nn.Module):
     """x · Wᵀ + b with W stored (out, in), as PyTorch's nn.Linear holds it: converted weights are
     upstream's arrays unchanged. XLA's CPU dots read this layout faster than Flax's (in, out): a
-    full-size encoder layer on 25 tokens takes 20.5 ms against 32.4 ms (22.9 ms with Eigen's
-    dots), on 252 tokens 149 ms against 155 ms (`benchmarks/kernel_layout.py`). Computes in
+    full-size encoder layer on 25 tokens takes 21.3 ms against 33.0 ms (21.4 ms with Eigen's
+    dots), on 252 tokens 151 ms against 157 ms (`benchmarks/kernel_layout.py`). Computes in
     `dtype`; with `float32_output` a low-precision product is returned in float32 (accumulated
     in float32), for outputs that feed float32-only stages."""
 
