@@ -714,12 +714,11 @@ def checkpoint_worker(spec: dict) -> dict:
 
     path = Path(spec["checkpoint"])
     if (path / checkpoint.CONFIG_FILE).exists():
-        try:
-            checkpoint.load(path)
+        stale = checkpoint.mismatch(path)  # written by an earlier version: convert anew
+        if stale is None:
             return {"checkpoint": str(path)}
-        except checkpoint.CheckpointError as stale:  # written by an earlier version: convert anew
-            print(f"  {stale}", flush=True)
-            shutil.rmtree(path)
+        print(f"  {stale}", flush=True)
+        shutil.rmtree(path)
     model = load_jax_model(Path(spec["weights"]), make_config(spec["sizes"]), "float32")
     checkpoint.save(path, model)
     return {"checkpoint": str(path)}

@@ -41,6 +41,11 @@ def compute_dtype(dtype) -> Dtype:
     return jnp.dtype(dtype)
 
 
+# Parameter names of the matrices: linear layers' weights and convolution kernels (what bfloat16
+# storage casts and weight decay applies to; biases, norms and gains are neither).
+MATRIX_PARAMS = ("weight", "kernel")
+
+
 def layer_norm(epsilon: float, name: str | None = None, dtype: Dtype = None) -> nn.LayerNorm:
     """LayerNorm with two-pass variance, as PyTorch computes it; statistics always in float32
     (Flax promotes them), output in `dtype`."""

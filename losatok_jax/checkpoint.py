@@ -72,8 +72,16 @@ def load(path: str | os.PathLike) -> Losatok:
     return Losatok(jax.tree.map(jnp.asarray, params), config)
 
 
+def mismatch(path: str | os.PathLike) -> str | None:
+    """Why the parameter names stored in checkpoint `path` differ from those its config.json
+    implies (an earlier version's layout among them), or None where they agree; reads only
+    metadata, so it costs a fraction of a second where `load` reads every parameter."""
+    path = Path(path).absolute()
+    config = LosatokConfig.from_json((path / CONFIG_FILE).read_text())
+    return _mismatch(ocp.StandardCheckpointer(), path, abstract_params(config))
+
+
 def _mismatch(checkpointer, path: Path, target) -> str | None:
-    """Why the stored parameter names differ from the model's, or None where they agree."""
     try:
         stored = set(flatten_dict(dict(checkpointer.metadata(path / PARAMS_DIR).item_metadata)))
     except Exception:  # unreadable metadata: the restore error says enough

@@ -20,7 +20,7 @@ import numpy as np
 
 from losatok_jax import _batching
 from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
-from losatok_jax._layers import compute_dtype
+from losatok_jax._layers import MATRIX_PARAMS, compute_dtype
 from losatok_jax._modules import LAYER_STACKS, LOW_PRECISION_SCOPES, AudioVAE
 from losatok_jax.config import LosatokConfig, load_config
 
@@ -59,8 +59,8 @@ class Losatok:
 
         def cast(path, leaf):
             names = tuple(getattr(k, "key", str(k)) for k in path)
-            low = names[-1] in ("weight", "kernel") and any(names[:len(scope)] == scope
-                                                            for scope in LOW_PRECISION_SCOPES)
+            low = names[-1] in MATRIX_PARAMS and any(names[:len(scope)] == scope
+                                                     for scope in LOW_PRECISION_SCOPES)
             return leaf.astype(dtype if low else jnp.float32) if hasattr(leaf, "astype") else leaf
 
         return Losatok(jax.tree_util.tree_map_with_path(cast, self.params), self.config, dtype)

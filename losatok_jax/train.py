@@ -37,6 +37,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from losatok_jax import audio_io, losses
+from losatok_jax._layers import MATRIX_PARAMS
 from losatok_jax._modules import AudioVAE
 from losatok_jax.config import ConfigError, LosatokConfig
 from losatok_jax.model import Losatok, load_losatok
@@ -138,7 +139,7 @@ def make_optimizer(train_config: TrainConfig) -> optax.GradientTransformation:
 
     def decay_mask(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: getattr(path[-1], "key", None) in ("weight", "kernel"), params)
+            lambda path, _: getattr(path[-1], "key", None) in MATRIX_PARAMS, params)
 
     return optax.chain(
         optax.clip_by_global_norm(c.max_grad_norm),

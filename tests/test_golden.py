@@ -6,7 +6,6 @@ Orbax directory, and run through the public API. Run with `-s` to see the max|Δ
 """
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 import losatok_jax
@@ -100,25 +99,18 @@ def test_load_with_a_different_yaml_raises(golden_checkpoint):
         losatok_jax.load_losatok(golden_checkpoint("tiny_chunk40"), config_path=other_yaml)
 
 
-def _save_params(path, params, config_json: str):
-    """A checkpoint directory as `checkpoint.save` lays it out, with any parameter tree."""
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / checkpoint.PARAMS_DIR, params)
-    checkpointer.wait_until_finished()
-    (path / checkpoint.CONFIG_FILE).write_text(config_json)
-
-
 def test_loading_a_checkpoint_of_another_layout_says_what_to_do(golden_model, tmp_path):
     """A checkpoint whose parameter names differ from the model's is refused with a message that
     says why: linear layers stored (in, out) by an earlier version, or which names differ."""
     model = golden_model("tiny_chunk40")
-    _save_params(tmp_path / "old", in_out_kernels(model.params), model.config.to_json())
+    old_layout = losatok_jax.Losatok(in_out_kernels(model.params), model.config)
+    checkpoint.save(tmp_path / "old", old_layout)
     with pytest.raises(checkpoint.CheckpointError, match="earlier losatok-jax.*convert the "
                                                          "upstream .pth files again"):
         losatok_jax.load_losatok(tmp_path / "old")
     params = dict(model.params)
     del params["fc_a"]
-    _save_params(tmp_path / "partial", params, model.config.to_json())
+    checkpoint.save(tmp_path / "partial", losatok_jax.Losatok(params, model.config))
     with pytest.raises(checkpoint.CheckpointError, match=r"do not match config.json \(missing: "
                                                          r"fc_a/bias, fc_a/weight; unexpected: -"):
         losatok_jax.load_losatok(tmp_path / "partial")
