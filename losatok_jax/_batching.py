@@ -8,7 +8,9 @@ compilation is bounded however varied the inputs are, and padding is small:
   windows first gets a cheap pass that finds its spectrogram peak for the 120 dB floor;
 - decoding: windows with a halo of latents on both sides covering the decoder's receptive field,
   of the length that computes the fewest padded tokens, the last one again in the shortest
-  bucket that holds it;
+  bucket that holds it. Windows are then packed several to a row, a few masked latents apart
+  (the decoder is local and zeroes masked frames before every convolution), so that short clips
+  fill the padding that long ones leave;
 - batches: rows of one length are grouped into batch buckets largest first (5 rows run as 4 + 1,
   not as 8 with 3 rows of filler).
 """
@@ -162,3 +164,56 @@ def _windows(clip: int, tokens: int, window: int, halo: int) -> list[Piece]:
         stop = source + window
         pieces.append(Piece(clip, start, stop - halo - start, source, stop))
         start = stop - halo
+
+
+def decoder_gap(config: LosatokConfig) -> int:
+    """Masked latents between two windows packed into one row, so that neither reaches the other:
+    the k=7 convs read 3 frames past a window's edge (frames `keep` zeroes before every conv), and
+    the ISTFT spreads a frame (n_fft - hop) / 2 samples past its own hop."""
+    spill = math.ceil((config.istft_n_fft - config.istft_hop) / 2 / config.istft_hop)
+    return math.ceil(max(3, spill) / config.upsample_tokens)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One decode row of `length` (a bucket) tokens holding `pieces`: (piece, offset), its latents
+    [source, stop) at row positions [offset, offset + stop - source); the rest is masked."""
+
+    length: int
+    pieces: tuple[tuple[Piece, int], ...]
+
+
+def pack_decode_rows(config: LosatokConfig, buckets: Buckets, pieces: Sequence[Piece]) -> list[Row]:
+    """Decode windows packed into rows, `decoder_gap` latents apart, so that few tokens are padding.
+
+    Longest first, each window goes where it adds the fewest computed tokens: into a row whose
+    bucket still has room (none), into a row that then takes a longer bucket (the difference), or
+    into a row of its own (its bucket), the last on a tie and the oldest row among equal rows.
+    Eight clips of 1-12 s compute 1212 tokens for 1171 this way, where a row per window computes
+    1316 (`tests/test_batching.py`).
+    """
+    gap, longest = decoder_gap(config), buckets.max_tokens
+    fills: list[int] = []  # tokens used in each row, gaps included
+    members: list[list[tuple[Piece, int]]] = []
+    rows_by_fill: dict[int, list[int]] = {}  # rows with room for more, oldest first: few fills
+    for piece in sorted(pieces, key=lambda p: p.stop - p.source, reverse=True):
+        need = piece.stop - piece.source
+        own_row = buckets.length(need)
+        added, best = min(((buckets.length(fill + gap + need) - buckets.length(fill), rows[0])
+                           for fill, rows in rows_by_fill.items()
+                           if fill + gap + need <= longest), default=(own_row, None))
+        if best is None or added >= own_row:
+            best = len(fills)
+            fills.append(0)
+            members.append([])
+            offset = 0
+        else:
+            rows_by_fill[fills[best]].remove(best)
+            if not rows_by_fill[fills[best]]:
+                del rows_by_fill[fills[best]]
+            offset = fills[best] + gap
+        members[best].append((piece, offset))
+        fills[best] = offset + need
+        if fills[best] + gap < longest:
+            rows_by_fill.setdefault(fills[best], []).append(best)
+    return [Row(buckets.length(fill), tuple(row)) for fill, row in zip(fills, members)]

@@ -383,13 +383,14 @@ class AudioVAE(nn.Module):
     def decode(self, z, num_tokens=None):
         """(B, T, D) -> (B, samples_per_token · T); row b's tokens past `num_tokens[b]` are absent:
         its audio equals decoding its first num_tokens[b] latents alone (then zeros)."""
-        x, keep = self.decode_stem(z, num_tokens)
+        x, keep = self.decode_stem(z, _frame_mask(num_tokens, z.shape[:2]))
         return self.decode_finish(self.run_stack("decoder", x, keep), keep)
 
-    def decode_stem(self, z, num_tokens=None):
+    def decode_stem(self, z, token_mask):
         """`decode` up to the ConvNeXt blocks: their input (B, F, C) and the frame mask `keep`
-        (B, F, 1) that every later stage takes."""
-        token_mask = _frame_mask(num_tokens, z.shape[:2])
+        (B, F, 1) that every later stage takes. `token_mask` (B, T) marks the real latents; runs
+        of them at least `_batching.decoder_gap` masked latents apart decode as separate
+        sequences."""
         keep = jnp.repeat(token_mask, self.config.upsample_tokens, axis=1)[..., None]
         keep = keep.astype(z.dtype)
         tokenizer = self.dasheng_tokenizer

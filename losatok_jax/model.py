@@ -208,8 +208,8 @@ def _window_tokens(config: LosatokConfig, buffers) -> int:
 
 
 @jax.jit
-def _decode_stem(model: Losatok, z, num_tokens):
-    return model.apply(z, num_tokens, method="decode_stem")
+def _decode_stem(model: Losatok, z, token_mask):
+    return model.apply(z, token_mask, method="decode_stem")
 
 
 @jax.jit
@@ -217,9 +217,9 @@ def _decode_finish(model: Losatok, x, keep):
     return model.apply(x, keep, method="decode_finish")
 
 
-def _decode_rows(model: Losatok, z, num_tokens, layers=None):
-    """Decodes a batch of latent rows, row b's first num_tokens[b] tokens real."""
-    x, keep = _decode_stem(model, z, num_tokens)
+def _decode_rows(model: Losatok, z, token_mask, layers=None):
+    """Decodes a batch of latent rows (B, T, D); `token_mask` (B, T) marks the real latents."""
+    x, keep = _decode_stem(model, z, token_mask)
     return _decode_finish(model, _run_stack(model, "decoder", layers, x, keep), keep)
 
 
@@ -409,17 +409,21 @@ def _decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets)
               for p in _batching.decode_pieces(c, buckets, i, len(z))]
     hop = c.samples_per_token
     outputs = _Outputs([len(z) * hop for z in latents])
-    for length, members in _by_length(pieces, lambda p: buckets.length(p.stop - p.source)):
+    packed = _batching.pack_decode_rows(c, buckets, pieces)
+    for length, members in _by_length(packed, lambda row: row.length):
         for group, size in buckets.batch_groups(members, length, runner.num_devices):
             rows = np.zeros((size, length, c.decoder_dim), np.float32)
-            num_tokens = np.full(size, length, np.int32)
-            for r, p in enumerate(group):
-                rows[r, :p.stop - p.source] = latents[p.clip][p.source:p.stop]
-                num_tokens[r] = p.stop - p.source
-            audio = runner.run(_decode_rows, (), (rows, num_tokens))
-            for r, p in enumerate(group):
-                offset = (p.start - p.source) * hop
-                outputs.place(p.clip, p.start * hop, audio[r, offset:offset + p.count * hop])
+            token_mask = np.zeros((size, length), bool)
+            for r, row in enumerate(group):
+                for p, offset in row.pieces:
+                    span = slice(offset, offset + p.stop - p.source)
+                    rows[r, span] = latents[p.clip][p.source:p.stop]
+                    token_mask[r, span] = True
+            audio = runner.run(_decode_rows, (), (rows, token_mask))
+            for r, row in enumerate(group):
+                for p, offset in row.pieces:
+                    begin = (offset + p.start - p.source) * hop
+                    outputs.place(p.clip, p.start * hop, audio[r, begin:begin + p.count * hop])
     return outputs.arrays
 
 
@@ -466,8 +470,9 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
                         _encode_finish.lower(model, rng, stem, stem["chunks"], ints, ints, keys)]
         for k in (k for k in buckets.num_tokens if decode_too and b <= buckets.max_batch(k)):
             z = spec((b, k, c.decoder_dim), jnp.float32)
-            x, keep = on_device(jax.eval_shape(_decode_stem, model, z, ints))
-            lowered += [_decode_stem.lower(model, z, ints), stack("decoder", x, keep),
+            token_mask = spec((b, k), jnp.bool_)
+            x, keep = on_device(jax.eval_shape(_decode_stem, model, z, token_mask))
+            lowered += [_decode_stem.lower(model, z, token_mask), stack("decoder", x, keep),
                         _decode_finish.lower(model, x, keep)]
     for program in lowered:
         program.compile()

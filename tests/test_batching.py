@@ -19,7 +19,10 @@ from hypothesis import strategies as st
 
 import losatok_jax
 from losatok_jax import Buckets, FEATURE_KEYS
-from losatok_jax._batching import decode_pieces, decoder_halo, encode_pieces
+from losatok_jax import _batching
+from losatok_jax._batching import (decode_pieces, decoder_gap, decoder_halo, encode_pieces,
+                                   pack_decode_rows)
+from losatok_jax.config import LosatokConfig
 
 # Encode rows: 4 tokens or one 10-token chunk; decode rows: 4, 16 or 64 tokens.
 SMALL = Buckets(batch_sizes=(1, 2, 4), num_tokens=(4, 16, 64))
@@ -231,6 +234,66 @@ def test_decode_windows_take_the_length_that_computes_least(model):
     assert plan(1100) == [800, 320]  # 1120 tokens, not one window of 1260
     assert plan(1500) == [1512]  # one window: 1512 tokens, against 640 + 640 + 252
     assert plan(2003) == [1008, 1008, 16]  # 2032 tokens; filling 1512 first would take 1512 + 640
+
+
+# Decode rows of SMALL's 64 tokens: the long clip's last window shares a row with the 9-token
+# clip, and the 40- and 3-token clips share one.
+PACKED_LENGTHS = (150, 40, 9, 3)
+
+
+def packed_latents(model):
+    rng = np.random.default_rng(11)
+    return [rng.standard_normal((n, model.config.decoder_dim)).astype(np.float32)
+            for n in PACKED_LENGTHS]
+
+
+def test_packed_decode_rows_equal_each_clip_alone(model):
+    c = model.config
+    latents = packed_latents(model)
+    pieces = [p for i, z in enumerate(latents) for p in decode_pieces(c, SMALL, i, len(z))]
+    shared = [row.pieces for row in pack_decode_rows(c, SMALL, pieces) if len(row.pieces) > 1]
+    assert len(shared) == 2 and any(p.source > 0 for row in shared for p, _ in row)
+    for z, audio in zip(latents, losatok_jax.decode(model, latents, buckets=SMALL)):
+        whole_audio = np.asarray(_whole_decode(model, z[None]))[0]
+        assert np.max(np.abs(audio - whole_audio)) <= AUDIO_TOL
+
+
+def test_decode_gap_is_needed(model, monkeypatch):
+    """One latent less between packed windows, and neighbours reach into each other's audio."""
+    gap = decoder_gap(model.config)
+    monkeypatch.setattr(_batching, "decoder_gap", lambda config: gap - 1)
+    latents = packed_latents(model)
+    errors = [np.max(np.abs(audio - np.asarray(_whole_decode(model, z[None]))[0]))
+              for z, audio in zip(latents, losatok_jax.decode(model, latents, buckets=SMALL))]
+    assert max(errors) > 100 * AUDIO_TOL
+
+
+@settings(max_examples=50, deadline=None)
+@given(needs=st.lists(st.integers(1, 1512), min_size=1, max_size=40))
+def test_packed_rows_keep_windows_apart_and_never_compute_more(needs):
+    config, buckets = LosatokConfig(), Buckets()
+    gap = decoder_gap(config)
+    pieces = [_batching.Piece(i, 0, n, 0, n) for i, n in enumerate(needs)]
+    rows = pack_decode_rows(config, buckets, pieces)
+    assert sorted(p.clip for row in rows for p, _ in row.pieces) == list(range(len(needs)))
+    for row in rows:
+        end = -gap
+        for p, offset in sorted(row.pieces, key=lambda member: member[1]):
+            assert offset >= end + gap
+            end = offset + p.stop - p.source
+        assert end <= row.length and row.length == buckets.length(end)
+    assert sum(row.length for row in rows) <= sum(buckets.length(n) for n in needs)
+
+
+def test_packing_cuts_the_padding_of_a_mixed_batch():
+    """The benchmark's 8 mixed clips (1-12 s): 1212 tokens computed for 1171, not 1316."""
+    config, buckets = LosatokConfig(), Buckets()
+    seconds = np.random.default_rng(1234).uniform(1, 12, 8)
+    tokens = [config.num_tokens(int(round(s * 16000))) for s in seconds]
+    pieces = [p for i, t in enumerate(tokens) for p in decode_pieces(config, buckets, i, t)]
+    assert sum(tokens) == 1171
+    assert sum(buckets.length(p.stop - p.source) for p in pieces) == 1316
+    assert sum(row.length for row in pack_decode_rows(config, buckets, pieces)) == 1212
 
 
 def test_batch_groups_put_filler_only_in_the_last_group():
