@@ -13,8 +13,8 @@ they do in the model; the programs are timed interleaved. `speedup_vs_best_in_ou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
+from unittest import mock
 
 import flax.linen as nn
 import jax
@@ -44,15 +44,10 @@ class InOutLinear(_layers.Linear):
         return y
 
 
-@contextlib.contextmanager
 def layout(program: str):
     """The layers built inside hold their linear weights as `program` stores them."""
-    saved = _layers.Linear
-    _layers.Linear = saved if program == "out_in" else InOutLinear
-    try:
-        yield
-    finally:
-        _layers.Linear = saved
+    return mock.patch.object(_layers, "Linear",
+                             _layers.Linear if program == "out_in" else InOutLinear)
 
 
 def layer_inputs(config, stack: str, rows: int):

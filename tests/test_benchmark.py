@@ -148,3 +148,20 @@ def test_kernel_layout_times_the_same_layer_in_both_layouts(tmp_path):
             assert min(r[f"{p}_ms"] for p in kernel_layout.PROGRAMS) > 0
             assert r["speedup_vs_best_in_out"] == pytest.approx(
                 min(r["in_out_ms"], r["in_out_eigen_ms"]) / r["out_in_ms"])
+
+
+def test_decode_packing_compares_two_plans_of_the_same_audio(model):
+    """Both plans decode the same audio; packing computes fewer tokens; `plan` restores packing."""
+    from benchmarks import decode_packing
+    from losatok_jax import Buckets, _batching
+
+    packer = _batching.pack_decode_rows
+    rng = np.random.default_rng(3)
+    latents = [rng.standard_normal((n, model.config.decoder_dim)).astype(np.float32)
+               for n in (150, 40, 9, 3)]
+    result = decode_packing.measure(model, latents, repeats=1,
+                                    buckets=Buckets(batch_sizes=(1, 2, 4), num_tokens=(4, 16, 64)))
+    assert result["max_abs_difference"] <= 1e-5
+    assert result["tokens_computed"] == {"packed": 4 * 64, "row_per_window": 4 * 64 + 16 + 4}
+    assert all(len(t) == 1 and t[0] > 0 for t in result["times_s"].values())
+    assert _batching.pack_decode_rows is packer
