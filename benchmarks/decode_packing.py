@@ -4,7 +4,7 @@ interleaved in one process on one model.
 
     python -m benchmarks.decode_packing --clips 8 --range 1,12 --output results/x.json
 
-The clip lengths are `benchmarks.run`'s mixed batch (seed 1234); speed is content-blind, so the
+The clip lengths are `benchmarks.run`'s mixed batch (`mixed_durations`); speed is content-blind, so the
 latents are random and so are the full-size weights (from `--config_path`, or `--model_path` for
 a converted checkpoint). `max_abs_difference` compares the two plans' audio.
 """
@@ -17,7 +17,7 @@ from unittest import mock
 
 import numpy as np
 
-from benchmarks.run import _cpu_model, print_json
+from benchmarks.run import _cpu_model, mixed_durations, print_json
 from losatok_jax import Buckets, DEFAULT_BUCKETS, _batching, decode, load_losatok
 from losatok_jax.model import Runner
 
@@ -79,7 +79,7 @@ def main(argv=None):
     model = (load_losatok(args.model_path) if args.model_path
              else load_losatok(config_path=args.config_path))
     c = model.config
-    seconds = np.random.default_rng(1234).uniform(low, high, args.clips)
+    seconds = mixed_durations(args.clips, (low, high))
     rng = np.random.default_rng(0)
     latents = [rng.standard_normal((c.num_tokens(int(round(s * c.sample_rate))), c.decoder_dim))
                .astype(np.float32) for s in seconds]

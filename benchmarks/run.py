@@ -142,14 +142,18 @@ def noise_clip(seconds: float, seed: int) -> np.ndarray:
     return (0.3 * x / np.abs(x).max()).astype(np.float32)
 
 
+def mixed_durations(count: int, duration_range: tuple[float, float]) -> np.ndarray:
+    """The mixed batch's clip durations in seconds: uniform over the range, one fixed seed."""
+    return np.random.default_rng(1234).uniform(*duration_range, count)
+
+
 def timing_inputs(profile: Profile) -> list[tuple[str, Any]]:
     """(label, clip or list of clips) for every input of the profile (no batch row for 0 mixed
     clips)."""
     inputs = [(f"{d:g} s", noise_clip(d, seed=i)) for i, d in enumerate(profile.durations)]
     if not profile.mixed_clips:
         return inputs
-    rng = np.random.default_rng(1234)
-    lengths = rng.uniform(*profile.mixed_range, profile.mixed_clips)
+    lengths = mixed_durations(profile.mixed_clips, profile.mixed_range)
     clips = [noise_clip(d, seed=100 + i) for i, d in enumerate(lengths)]
     inputs.append((f"batch of {len(clips)} mixed ({profile.mixed_range[0]:g}-"
                    f"{profile.mixed_range[1]:g} s)", clips))

@@ -91,10 +91,15 @@ class Buckets:
 DEFAULT_BUCKETS = Buckets()
 
 
+# Frames a k=7 decoder convolution (the embedding conv, each ConvNeXt dwconv) reads either side.
+DECODER_CONV_REACH = 7 // 2
+
+
 def decoder_halo(config: LosatokConfig) -> int:
-    """Latents on each side that reach a decoded sample: the k=7 convs (embed + each ConvNeXt)
-    see ±3 frames apiece, and the ISTFT spreads a frame over n_fft / hop frames of output."""
-    frames = 3 * (config.decoder_depth + 1) + config.istft_n_fft // config.istft_hop
+    """Latents on each side that reach a decoded sample: the embed and each ConvNeXt conv see
+    `DECODER_CONV_REACH` frames apiece, and the ISTFT spreads a frame over n_fft / hop frames."""
+    frames = (DECODER_CONV_REACH * (config.decoder_depth + 1)
+              + config.istft_n_fft // config.istft_hop)
     return math.ceil(frames / config.upsample_tokens)
 
 
@@ -168,10 +173,10 @@ def _windows(clip: int, tokens: int, window: int, halo: int) -> list[Piece]:
 
 def decoder_gap(config: LosatokConfig) -> int:
     """Masked latents between two windows packed into one row, so that neither reaches the other:
-    the k=7 convs read 3 frames past a window's edge (frames `keep` zeroes before every conv), and
-    the ISTFT spreads a frame (n_fft - hop) / 2 samples past its own hop."""
+    a conv reads `DECODER_CONV_REACH` frames past a window's edge (frames `keep` zeroes before
+    every conv), and the ISTFT spreads a frame (n_fft - hop) / 2 samples past its own hop."""
     spill = math.ceil((config.istft_n_fft - config.istft_hop) / 2 / config.istft_hop)
-    return math.ceil(max(3, spill) / config.upsample_tokens)
+    return math.ceil(max(DECODER_CONV_REACH, spill) / config.upsample_tokens)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import losatok_jax
+from benchmarks.run import mixed_durations
 from losatok_jax import Buckets, FEATURE_KEYS
 from losatok_jax import _batching
 from losatok_jax._batching import (decode_pieces, decoder_gap, decoder_halo, encode_pieces,
@@ -288,7 +289,7 @@ def test_packed_rows_keep_windows_apart_and_never_compute_more(needs):
 def test_packing_cuts_the_padding_of_a_mixed_batch():
     """The benchmark's 8 mixed clips (1-12 s): 1212 tokens computed for 1171, not 1316."""
     config, buckets = LosatokConfig(), Buckets()
-    seconds = np.random.default_rng(1234).uniform(1, 12, 8)
+    seconds = mixed_durations(8, (1, 12))
     tokens = [config.num_tokens(int(round(s * 16000))) for s in seconds]
     pieces = [p for i, t in enumerate(tokens) for p in decode_pieces(config, buckets, i, t)]
     assert sum(tokens) == 1171
