@@ -15,7 +15,10 @@ peak at T rows is at most compute / (stream + compute). `memory_read_gb_per_s` (
 sum) is how fast this machine can read memory, for comparison with the stream rate.
 
 Layouts: `in_out` is x @ W with W stored (in, out), as Flax's Dense holds it; `out_in` is x @ Wᵀ
-with W stored (out, in), as PyTorch's Linear (`F.linear`) and this package's checkpoints hold it.
+with W stored (out, in), as PyTorch's Linear (`F.linear`) and this package's checkpoints hold it;
+`feature_major` is W · x with W stored (out, in) and the activations stored (features, tokens), so
+the weights are the left operand and the rows the right one's columns (what a model that kept its
+activations feature-major would run; a transpose after the product is folded back into x @ Wᵀ).
 """
 
 from __future__ import annotations
@@ -35,20 +38,24 @@ WIDTH, MLP_WIDTH, LAYERS = 1280, 5120, 32
 # One block's matmuls, (in, out): qkv, attention output projection, MLP up, MLP down.
 SHAPES = ((WIDTH, 3 * WIDTH), (WIDTH, WIDTH), (WIDTH, MLP_WIDTH), (MLP_WIDTH, WIDTH))
 WEIGHTS_PER_TOKEN = LAYERS * sum(i * o for i, o in SHAPES)
-LAYOUTS = ("in_out", "out_in")
+LAYOUTS = ("in_out", "out_in", "feature_major")
 
 
 def host_weights(layout: str, layers: int = LAYERS) -> list[np.ndarray]:
-    """The blocks' weights, each contiguous in `layout`; the same values in either layout."""
+    """The blocks' weights, each contiguous in `layout`; the same values in every layout."""
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal(shape, np.float32) * 0.02
                for _ in range(layers) for shape in SHAPES]
     return weights if layout == "in_out" else [np.ascontiguousarray(w.T) for w in weights]
 
 
-def host_inputs(tokens: int) -> dict[int, np.ndarray]:
+def host_inputs(tokens: int, layout: str) -> dict[int, np.ndarray]:
+    """Per input width, the activations: (tokens, width), or (width, tokens) feature-major."""
     rng = np.random.default_rng(1)
-    return {n: rng.standard_normal((tokens, n), np.float32) for n in (WIDTH, MLP_WIDTH)}
+    rows = {n: rng.standard_normal((tokens, n), np.float32) for n in (WIDTH, MLP_WIDTH)}
+    if layout == "feature_major":
+        return {n: np.ascontiguousarray(x.T) for n, x in rows.items()}
+    return rows
 
 
 def in_features(w, layout: str) -> int:
@@ -82,7 +89,7 @@ class Library:
         product = self.products[layout]
 
         def seconds(tokens: int, repeats: int) -> float:
-            x = {n: self.array(v) for n, v in host_inputs(tokens).items()}
+            x = {n: self.array(v) for n, v in host_inputs(tokens, layout).items()}
             return median_seconds(lambda: [product(x[in_features(w, layout)], w) for w in held],
                                   repeats=repeats)
 
@@ -94,7 +101,8 @@ def jax_library() -> Library:
     import jax.numpy as jnp
 
     times_transposed = jax.jit(lambda x, w: jax.lax.dot_general(x, w, (((1,), (1,)), ((), ()))))
-    return Library(jnp.asarray, {"in_out": jax.jit(jnp.dot), "out_in": times_transposed},
+    return Library(jnp.asarray, {"in_out": jax.jit(jnp.dot), "out_in": times_transposed,
+                                 "feature_major": jax.jit(lambda x, w: jnp.dot(w, x))},
                    lambda n: jax_matmul_peak(n, "float32"))
 
 
@@ -102,7 +110,8 @@ def pytorch_library() -> Library:
     import torch
 
     torch.set_grad_enabled(False)
-    return Library(torch.from_numpy, {"in_out": torch.mm, "out_in": torch.nn.functional.linear},
+    return Library(torch.from_numpy, {"in_out": torch.mm, "out_in": torch.nn.functional.linear,
+                                      "feature_major": lambda x, w: torch.mm(w, x)},
                    lambda n: torch_matmul_peak(n, "cpu"))
 
 
@@ -111,7 +120,8 @@ def numpy_library() -> Library:
         square = np.random.default_rng(2).standard_normal((n, n), np.float32)
         return 2 * n**3 / best_seconds(lambda: square @ square)  # best of 5, as the others
 
-    return Library(np.asarray, {"in_out": lambda x, w: x @ w, "out_in": lambda x, w: x @ w.T},
+    return Library(np.asarray, {"in_out": lambda x, w: x @ w, "out_in": lambda x, w: x @ w.T,
+                                "feature_major": lambda x, w: w @ x},
                    peak_flops)
 
 

@@ -105,6 +105,29 @@ def test_short_rows_layouts_hold_the_same_matrix():
     assert [short_rows.in_features(w, "out_in") for w in out_in[:4]] == [1280, 1280, 1280, 5120]
 
 
+def test_short_rows_layouts_compute_the_same_products():
+    """Every library's product in every layout is x @ W (feature-major: its transpose), so the
+    layouts differ only in how the operands lie in memory."""
+    from benchmarks import short_rows
+
+    tokens = 3
+    operands = {layout: (short_rows.host_inputs(tokens, layout),
+                         short_rows.host_weights(layout, layers=1))
+                for layout in short_rows.LAYOUTS}
+    x, weights = operands["in_out"]
+    reference = [x[w.shape[0]].astype(np.float64) @ w for w in weights]
+    for name, make in short_rows.LIBRARIES.items():
+        library = make()
+        for layout, (x, weights) in operands.items():
+            for w, expected in zip(weights, reference):
+                product = library.products[layout](
+                    library.array(x[short_rows.in_features(w, layout)]), library.array(w))
+                product = np.asarray(product)
+                got = product.T if layout == "feature_major" else product
+                np.testing.assert_allclose(got, expected, rtol=0, atol=1e-4,
+                                           err_msg=f"{name} {layout}")
+
+
 def test_gpu_goals_come_from_the_batched_encode_row():
     def row(operation, clips, fraction, ratio):
         return {"operation": operation, "input": "x", "clips": clips,
