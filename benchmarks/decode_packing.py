@@ -4,9 +4,9 @@ interleaved in one process on one model.
 
     python -m benchmarks.decode_packing --clips 8 --range 1,12 --output results/x.json
 
-The clip lengths are `benchmarks.run`'s mixed batch (`mixed_durations`); speed is content-blind, so the
-latents are random and so are the full-size weights (from `--config_path`, or `--model_path` for
-a converted checkpoint). `max_abs_difference` compares the two plans' audio.
+The clip lengths are `benchmarks.run`'s mixed batch (`mixed_durations`); speed is content-blind,
+so the latents are random and so are the full-size weights (from `--config_path`, or
+`--model_path` for a converted checkpoint). `max_abs_difference` compares the two plans' audio.
 """
 
 from __future__ import annotations
@@ -35,12 +35,11 @@ def plan(name: str):
 
 
 def tokens_computed(config, buckets: Buckets, lengths) -> dict[str, int]:
-    pieces = [p for i, n in enumerate(lengths) for p in _batching.decode_pieces(config, buckets, i, n)]
     computed = {}
     for name in PLANS:
         with plan(name):
-            computed[name] = sum(row.length for row in
-                                 _batching.pack_decode_rows(config, buckets, pieces))
+            rows = _batching.decode_rows(config, buckets, lengths)
+            computed[name] = sum(row.length for row in rows)
     return computed
 
 

@@ -210,14 +210,13 @@ def jax_tokens_computed(config, operation: str, tokens: int, b=None) -> int | No
     `tokens` (padding and decoder halos included), or None when unknown; upstream computes
     exactly `tokens`."""
     from losatok_jax import DEFAULT_BUCKETS
-    from losatok_jax._batching import decode_pieces, encode_pieces, pack_decode_rows
+    from losatok_jax._batching import decode_rows, encode_pieces
 
     b = b or DEFAULT_BUCKETS
     if operation == "encode":
         return sum(b.encode_length(config, p.count) for p in encode_pieces(config, 0, tokens))
     if operation == "decode":
-        return sum(row.length for row in
-                   pack_decode_rows(config, b, decode_pieces(config, b, 0, tokens)))
+        return sum(row.length for row in decode_rows(config, b, [tokens]))
     return None
 
 

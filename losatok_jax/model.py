@@ -405,11 +405,9 @@ class _Outputs:
 def _decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets) -> list[np.ndarray]:
     """Decodes (T_i, D) latent sequences of any lengths; returns (640 · T_i,) audio each."""
     c = runner.model.config
-    pieces = [p for i, z in enumerate(latents)
-              for p in _batching.decode_pieces(c, buckets, i, len(z))]
     hop = c.samples_per_token
     outputs = _Outputs([len(z) * hop for z in latents])
-    packed = _batching.pack_decode_rows(c, buckets, pieces)
+    packed = _batching.decode_rows(c, buckets, [len(z) for z in latents])
     for length, members in _by_length(packed, lambda row: row.length):
         for group, size in buckets.batch_groups(members, length, runner.num_devices):
             rows = np.zeros((size, length, c.decoder_dim), np.float32)

@@ -251,8 +251,8 @@ def packed_latents(model):
 def test_packed_decode_rows_equal_each_clip_alone(model):
     c = model.config
     latents = packed_latents(model)
-    pieces = [p for i, z in enumerate(latents) for p in decode_pieces(c, SMALL, i, len(z))]
-    shared = [row.pieces for row in pack_decode_rows(c, SMALL, pieces) if len(row.pieces) > 1]
+    rows = _batching.decode_rows(c, SMALL, [len(z) for z in latents])
+    shared = [row.pieces for row in rows if len(row.pieces) > 1]
     assert len(shared) == 2 and any(p.source > 0 for row in shared for p, _ in row)
     for z, audio in zip(latents, losatok_jax.decode(model, latents, buckets=SMALL)):
         whole_audio = np.asarray(_whole_decode(model, z[None]))[0]
