@@ -23,8 +23,7 @@ import jax.numpy as jnp
 def gelu(x):
     """Exact GELU as upstream's PyTorch computes it, x · 0.5 · (1 + erf(x / √2)), in float32 and
     cast back to x's dtype. jax.nn.gelu defaults to the tanh approximation, and its exact form goes
-    through erfc, whose |x| ≥ 1 branch costs an exp: a full-size decoder layer on 3024 frames takes
-    1.256 s with this form against 1.280 s with that one on CPU."""
+    through erfc, whose |x| ≥ 1 branch costs an exp (docs/performance.md, "Layer choices")."""
     y = x.astype(jnp.float32)
     return (y * 0.5 * (1.0 + jax.lax.erf(y * (1 / math.sqrt(2))))).astype(x.dtype)
 
@@ -54,9 +53,8 @@ def layer_norm(epsilon: float, name: str | None = None, dtype: Dtype = None) -> 
 
 class Linear(nn.Module):
     """x · Wᵀ + b with W stored (out, in), as PyTorch's nn.Linear holds it: converted weights are
-    upstream's arrays unchanged. XLA's CPU dots read this layout faster than Flax's (in, out): a
-    full-size encoder layer on 25 tokens takes 21.3 ms against 33.0 ms (21.4 ms with Eigen's
-    dots), on 252 tokens 151 ms against 157 ms (`benchmarks/kernel_layout.py`). Computes in
+    upstream's arrays unchanged. XLA's CPU dots read this layout faster than Flax's (in, out) at
+    every row count measured (docs/performance.md, "Weight layout"). Computes in
     `dtype`; with `float32_output` a low-precision product is returned in float32 (accumulated
     in float32), for outputs that feed float32-only stages."""
 
@@ -79,8 +77,8 @@ class Linear(nn.Module):
 
 def in_row_blocks(fn, x, max_rows: int | None):
     """`fn`, a position-wise map, over `x`'s rows (every axis but the last) in near-equal blocks
-    of at most `max_rows` rows; None: in one go. XLA's CPU matmul slows past about 2000 rows (a
-    decoder layer on 8064 rows runs 8% faster in blocks of 1008: `benchmarks/row_blocks.py`).
+    of at most `max_rows` rows; None: in one go. XLA's CPU matmul slows past about 2000 rows
+    (docs/performance.md, "Row blocks").
     Rows are independent, so blocking changes only float rounding."""
     rows = x.size // x.shape[-1]
     if max_rows is None or rows <= max_rows:
@@ -148,8 +146,8 @@ def heads_major_attention(q, k, v, mask, scale: float):
     """`jax.nn.dot_product_attention`'s XLA computation (float32 logits and softmax, a masked
     logit set to -0.7 · the float32 maximum, probabilities cast to v's dtype) on q, k, v
     transposed to (B, H, L, head_dim), where XLA's CPU batched matmuls find each head's products
-    contiguous: a full-size layer's attention alone on 4 chunks of 252 tokens takes 22 ms instead
-    of 45 ms, and float32 results agree to rounding (within 1e-6, tested)."""
+    contiguous (twice as fast on CPU: docs/performance.md, "Layer choices"); float32 results
+    agree to rounding (within 1e-6, tested)."""
     q, k, v = (jnp.swapaxes(t, 1, 2) for t in (q, k, v))
     logits = jnp.einsum("bhld,bhsd->bhls", q, k, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(mask[:, None, None, :], logits, -0.7 * jnp.finfo(jnp.float32).max)
@@ -222,8 +220,8 @@ class DepthwiseConv1d(nn.Module):
 
     Parameters as `nn.Conv(C, (k,), feature_group_count=C)` holds them (kernel (k, 1, C), bias
     (C,), same initialisers), so checkpoints are unchanged. XLA's CPU grouped convolution is
-    ~40x slower than this memory-bound sum (19 ms against 0.5 ms per ConvNeXt block at 10 s);
-    the sum's rounding differs from it by ~1e-7 relative (a different accumulation order).
+    far slower than this memory-bound sum (docs/performance.md, "Layer choices"); the sum's
+    rounding differs from it by ~1e-7 relative (a different accumulation order).
     """
 
     kernel_size: int

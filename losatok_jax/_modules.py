@@ -44,23 +44,18 @@ LOW_PRECISION_SCOPES = (("semantic_encoder", "encoder", "blocks"),
                         ("dasheng_tokenizer", "decoder", "head"))
 
 
-# Rows of a position-wise matmul per block in the CPU layer programs (`_layers.in_row_blocks`).
-CPU_MATMUL_ROWS = 1024
-
-
 def semantic_block(config: SemanticEncoderConfig, dtype=None,
-                   cpu_layer: bool = False) -> TransformerBlock:
-    """One layer of the semantic encoder's transformer; `cpu_layer`: as the CPU layer programs run
-    it (MLP rows in blocks of CPU_MATMUL_ROWS), with the same parameters and the same results up
-    to float rounding."""
+                   max_rows: int | None = None) -> TransformerBlock:
+    """One layer of the semantic encoder's transformer; `max_rows`: its MLP runs on at most that
+    many rows at a time (`_layers.in_row_blocks`), with the same parameters and results."""
     return TransformerBlock(config.num_heads, config.mlp_dim, config.qkv_bias, config.init_values,
-                            dtype, CPU_MATMUL_ROWS if cpu_layer else None)
+                            dtype, max_rows)
 
 
-def decoder_block(config: LosatokConfig, dtype=None, cpu_layer: bool = False) -> ConvNeXtBlock:
-    """One ConvNeXt layer of the Vocos backbone; `cpu_layer` as for `semantic_block`."""
+def decoder_block(config: LosatokConfig, dtype=None, max_rows: int | None = None) -> ConvNeXtBlock:
+    """One ConvNeXt layer of the Vocos backbone; `max_rows` as for `semantic_block`."""
     return ConvNeXtBlock(config.decoder_intermediate_size, 1.0 / config.decoder_depth, dtype,
-                         CPU_MATMUL_ROWS if cpu_layer else None)
+                         max_rows)
 
 
 def stacked(block: nn.Module, depth: int) -> nn.Module:
@@ -73,14 +68,12 @@ def stacked(block: nn.Module, depth: int) -> nn.Module:
 
 
 # Each stack of layers: where its parameters are, and its single layer's builder (config, dtype,
-# cpu_layer). Under jit the stacks run as `stacked` scans; a caller holding each layer's weights as
-# separate arrays can instead run one jitted layer per weight set (the CPU `Runner` in
-# `losatok_jax.model` does: on CPU XLA copies every sliced layer out of the stacked weights, which
-# dominates at short inputs).
+# max_rows). Under jit the stacks run as `stacked` scans; a caller holding each layer's weights as
+# separate arrays can instead run one jitted layer per weight set (`runners.Runner` does on CPU).
 LAYER_STACKS = {
     "semantic": (("semantic_encoder", "encoder", "blocks"),
-                 lambda config, dtype=None, cpu_layer=False: semantic_block(config.semantic, dtype,
-                                                                            cpu_layer)),
+                 lambda config, dtype=None, max_rows=None: semantic_block(config.semantic, dtype,
+                                                                          max_rows)),
     "decoder": (("dasheng_tokenizer", "decoder", "backbone", "convnext"), decoder_block),
 }
 

@@ -22,16 +22,22 @@ import librosa
 import numpy as np
 import soundfile as sf
 
+from losatok_jax.errors import LosatokError
+
+# Suffixes (lower case) of the files that folder inputs pick up.
+AUDIO_SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif",
+                            ".au", ".caf", ".w64", ".rf64"})
+
 # Streaming encoders (espeak-ng, sox or ffmpeg writing to a pipe) cannot know the length when they
 # write the header and leave a huge placeholder; a data size this large says nothing.
 _STREAMING_DATA_SIZE = 0x7F000000
 
 
-class AudioReadError(ValueError):
+class AudioReadError(LosatokError):
     """An input file that is missing, unreadable, damaged, truncated, empty or not finite."""
 
 
-class AudioWriteError(ValueError):
+class AudioWriteError(LosatokError):
     """An output file (audio, or another output of the same run) that cannot be written."""
 
 

@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from losatok_jax.config import ConfigError, LosatokConfig
+from losatok_jax.errors import LosatokError
 from losatok_jax.model import Losatok, init_params
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+# Where Orbax's partial saves put the tree: a complete checkpoint in `save`'s own format.
+_PARTIAL_TREE_DIR = "state"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LosatokError):
     """A checkpoint directory that is missing, incomplete or does not match its config."""
 
 
@@ -45,12 +51,44 @@ def save(path: str | os.PathLike, model: Losatok) -> None:
     (path / CONFIG_FILE).write_text(model.config.to_json())
 
 
+def save_in_groups(path: str | os.PathLike, config: LosatokConfig,
+                   groups: Iterable[dict[tuple[str, ...], np.ndarray]]) -> None:
+    """Writes a checkpoint whose parameters arrive a group at a time ({flat path: array}, the
+    groups disjoint and together the whole tree), holding one group in memory, not the model.
+
+    Each group is an Orbax partial save into a scratch folder beside `path`; the finished tree is
+    then moved into place as `params/`, the same layout `save` writes, and config.json is
+    written last.
+    """
+    from orbax.checkpoint import v1 as ocp_v1
+
+    path = Path(path).absolute()
+    if (path / PARAMS_DIR).exists():
+        raise CheckpointError(f"{path} already holds a checkpoint; choose a new directory")
+    path.mkdir(parents=True, exist_ok=True)
+    scratch = path / "params.partial"  # Orbax also writes `params.partial.partial_save*` beside it
+
+    def clean():
+        for leftover in path.glob(scratch.name + "*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    clean()
+    try:
+        for group in groups:
+            ocp_v1.partial.save(scratch, unflatten_dict(group))
+        ocp_v1.partial.finalize(scratch)
+        os.replace(scratch / _PARTIAL_TREE_DIR, path / PARAMS_DIR)
+    finally:
+        clean()
+    (path / CONFIG_FILE).write_text(config.to_json())
+
+
 def load(path: str | os.PathLike) -> Losatok:
     path = Path(path).absolute()
     if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
         raise CheckpointError(
             f"{path} is not a converted LoSATok checkpoint (expected {CONFIG_FILE} and "
-            f"{PARAMS_DIR}/; convert upstream .pth files with convert/torch_to_orbax.py)")
+            f"{PARAMS_DIR}/; convert upstream .pth files with python -m losatok_jax.convert)")
     try:
         config = LosatokConfig.from_json((path / CONFIG_FILE).read_text())
     except (ValueError, ConfigError) as e:
@@ -92,7 +130,7 @@ def _mismatch(checkpointer, path: Path, target) -> str | None:
     if any(key[:-1] + ("kernel",) in stored for key in expected - stored if key[-1] == "weight"):
         return (f"{path} was converted by an earlier losatok-jax, which stored linear layers as "
                 f"(in, out) `kernel`s; convert the upstream .pth files again with "
-                f"convert/torch_to_orbax.py")
+                f"python -m losatok_jax.convert")
     names = sorted("/".join(k) for k in expected - stored)
     extra = sorted("/".join(k) for k in stored - expected)
     return (f"{path}: parameters do not match config.json (missing: {', '.join(names[:3]) or '-'}"

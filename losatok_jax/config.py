@@ -10,14 +10,18 @@ checkpoint, so a checkpoint directory is self-describing.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import json
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
+from losatok_jax.errors import LosatokError
 
-class ConfigError(ValueError):
+
+class ConfigError(LosatokError):
     """A configuration file or mapping that cannot describe a LoSATok model."""
 
 
@@ -151,8 +155,28 @@ _UPSTREAM_FIELDS = ("embed_dim", "decoder_dim", "decoder_embed_dim", "decoder_in
 _UPSTREAM_IGNORED = ("depth", "num_heads", "dtype", "model_type", "transformers_version")
 
 
+# The released config, shipped inside the package: an installed wheel finds it from any folder.
+RELEASED_CONFIG = "16k_16k_25Hz_losatok.yml"
+SAMPLE_RATE = 16000  # the released model's, and the rate the command-line tools read and write
+
+
+def packaged_config(name: str = RELEASED_CONFIG) -> Path:
+    """The path of a config that ships inside the package."""
+    return Path(str(importlib.resources.files("losatok_jax") / "configs" / name))
+
+
+def resolve_config_path(path: str | os.PathLike) -> Path:
+    """`path` where it exists; else, where its file name is a packaged config's (as in upstream's
+    `--config_path config/16k_16k_25Hz_losatok.yml`, run from any folder), that packaged config."""
+    path = Path(path)
+    if not path.exists() and packaged_config(path.name).is_file():
+        return packaged_config(path.name)
+    return path
+
+
 def from_upstream_yaml(path: str | os.PathLike) -> LosatokConfig:
     """Reads upstream's YAML (e.g. `config/16k_16k_25Hz_losatok.yml`) into a LosatokConfig."""
+    path = resolve_config_path(path)
     try:
         with open(path) as f:
             raw = yaml.safe_load(f)

@@ -6,7 +6,7 @@
 
 INPUT is a folder (searched recursively for audio files) or a manifest: a `.txt` of paths, or a
 `.jsonl` of {"path": ..., "id": ...} (id optional; by default a folder's relative path, or the
-path as listed). Output, in OUT:
+path as listed); a manifest's relative paths are relative to the manifest (`_cli.list_inputs`). Output, in OUT:
 - `latents-PPPPP-SSSSS.array_record`: shard S of process P, one record per clip
   (`losatok_jax.data.decode_record`); each with `latents-PPPPP-SSSSS.index.jsonl` beside it;
 - `index.jsonl`: every record (id, path, shard, position, num_tokens, duration);
@@ -33,50 +33,15 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aiff", ".aif", ".au",
-                  ".caf", ".w64", ".rf64"}
-SAMPLE_RATE = 16000
+from losatok_jax import _cli
+from losatok_jax._cli import Entry, list_inputs
+from losatok_jax.config import SAMPLE_RATE
+from losatok_jax.errors import LosatokError
 
-
-class ExtractError(Exception):
+class ExtractError(LosatokError):
     """Extraction cannot start or (with --strict) go on; the message says why."""
-
-
-class Entry(NamedTuple):
-    id: str
-    path: str
-
-
-def list_inputs(source: str) -> list[Entry]:
-    """Inputs sorted by id; ids must be unique (they key exactly-once bookkeeping)."""
-    root = Path(source)
-    if root.is_dir():
-        entries = [Entry(str(p.relative_to(root)), str(p)) for p in root.rglob("*")
-                   if p.is_file() and p.suffix.lower() in AUDIO_SUFFIXES]
-    elif root.suffix == ".txt" and root.is_file():
-        lines = [line.strip() for line in root.read_text().splitlines()]
-        entries = [Entry(line, line) for line in lines if line and not line.startswith("#")]
-    elif root.suffix == ".jsonl" and root.is_file():
-        entries = []
-        for number, line in enumerate(root.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-                entries.append(Entry(str(item.get("id", item["path"])), str(item["path"])))
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                raise ExtractError(f"{source}:{number}: expected a JSON object with a \"path\"")
-    elif not root.exists():
-        raise ExtractError(f"{source}: no such file or folder")
-    else:
-        raise ExtractError(f"{source}: expected a folder, a .txt or a .jsonl manifest")
-    ids = [e.id for e in entries]
-    if len(set(ids)) != len(ids):
-        duplicate = next(i for i in ids if ids.count(i) > 1)
-        raise ExtractError(f"{source}: id {duplicate!r} appears more than once")
-    return sorted(entries)
 
 
 def noise_id(clip_id: str) -> int:
@@ -219,19 +184,18 @@ def _prefetched(entries: list[Entry], workers: int, *load_args) -> Iterator[tupl
 
 
 class Progress:
-    """One status line on stderr: clips, audio hours and audio hours per second."""
+    """Clips, audio hours and audio hours per second, on a status line (`_cli.StatusLine`)."""
 
     def __init__(self, total: int):
         self.total, self.done, self.failed, self.hours = total, 0, 0, 0.0
-        self.start = time.perf_counter()
+        self.line = _cli.StatusLine()
 
     def rate(self) -> float:
-        return self.hours / max(time.perf_counter() - self.start, 1e-9)
+        return self.hours / max(time.perf_counter() - self.line.start, 1e-9)
 
-    def show(self, final: bool = False):
-        print(f"\r{self.done + self.failed}/{self.total} clips, {self.hours:.3f} h of audio, "
-              f"{self.rate():.4f} h/s, {self.failed} failed", end="\n" if final else "",
-              file=sys.stderr, flush=True)
+    def show(self):
+        self.line.show(f"{self.done + self.failed}/{self.total} clips, {self.hours:.3f} h of "
+                       f"audio, {self.rate():.4f} h/s, {self.failed} failed")
 
 
 def _initialize_distributed(args) -> tuple[int, int]:
@@ -255,8 +219,9 @@ def run(args) -> Progress:
 
     from losatok_jax import compilation, data
     from losatok_jax._batching import Buckets
-    from losatok_jax.model import FEATURE_KEYS, Runner, encode, load_losatok
-    from losatok_jax.parallel import MeshRunner
+    from losatok_jax.api import encode, load_losatok
+    from losatok_jax.model import FEATURE_KEYS
+    from losatok_jax.runners import MeshRunner, Runner
 
     features = tuple(args.features.split(","))
     unknown = sorted(set(features) - set(FEATURE_KEYS))
@@ -324,7 +289,8 @@ def run(args) -> Progress:
         flush()
     writer.close()
     merge_indexes(out)
-    progress.show(final=True)
+    progress.show()
+    progress.line.end()
     return progress
 
 
@@ -364,24 +330,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+def _run(args: argparse.Namespace) -> None:
     if args.batch_size < 1 or args.shard_size < 1 or args.num_workers < 1:
-        print("error: --batch_size, --shard_size and --num_workers must be positive",
-              file=sys.stderr)
-        return 2
-    from losatok_jax.checkpoint import CheckpointError
-    from losatok_jax.config import ConfigError
-
-    try:
-        progress = run(args)
-    except (ExtractError, CheckpointError, ConfigError, ValueError) as e:
-        print(f"\nerror: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
-    elapsed = time.perf_counter() - progress.start
+        raise ExtractError("--batch_size, --shard_size and --num_workers must be positive")
+    progress = run(args)
+    elapsed = time.perf_counter() - progress.line.start
     print(f"done: {progress.done} clips, {progress.failed} failed, {progress.hours:.3f} h of "
           f"audio in {elapsed:.1f} s ({progress.rate():.4f} h/s)")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the CLI; returns the exit status (0, or 2 with one `error:` line on stderr)."""
+    return _cli.run_main(_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Training losses: upstream's latent losses (SPEC.md, "Losses") and waveform losses for decoding.
+"""Training losses: upstream's latent losses (docs/training.md, "Objective") and waveform losses for decoding.
 
 The latent losses reproduce upstream's formulas (checked against the golden values). Upstream
 publishes no waveform losses, so the two used to fine-tune the decoder are the common choices:

@@ -3,49 +3,48 @@
     python -m losatok_jax.reconstruct --input_path speech.flac --output_path recon.wav \
         --model_path ckpts/losatok_kl1e-2 [--save_features features.npz]
 
-Options follow upstream's `reconstruct.py`. Without --model_path the model is randomly
-initialised from --config_path (a warning says so), as upstream does. The output is a 16 kHz
+The flags are upstream's, so upstream's own command line works as written: `--model_path` may be
+a converted checkpoint folder or upstream's `.pth` (converted once, into `<name>.orbax/` beside it,
+when torch is installed), `--device cuda` means the GPU, and `--save_features` writes `.npz`, or
+`.pt` for torch users. Without --model_path the model is randomly initialised from --config_path
+(the released config by default; a warning says so), as upstream does. The output is a 16 kHz
 32-bit float WAV. Long files stream through fixed windows, so memory stays bounded whatever the
-duration: only `z` is kept unless --save_features asks for all nine features (the 1280-wide ones
-take about 1.4 GB per hour of audio). --compilation_cache_dir (or $LOSATOK_COMPILATION_CACHE_DIR)
-keeps compiled programs on disk, so a second run compiles nothing. Bad input (a missing, damaged or too-short file, an unwritable output, a missing
-checkpoint or config, an unavailable device) prints one `error: ...` line and exits with status 2.
+duration: only `z` is kept unless --save_features asks for all nine features.
+--compilation_cache_dir (or $LOSATOK_COMPILATION_CACHE_DIR) keeps compiled programs on disk, so a
+second run compiles nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import sys
-import types
-import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from losatok_jax import audio_io, compilation
-from losatok_jax.config import ConfigError
-from losatok_jax.model import (COMPUTE_DTYPES, FEATURE_KEYS, as_audio_batch, load_losatok,
-                               reconstruct)
+from losatok_jax import _cli, audio_io, compilation
+from losatok_jax.api import as_audio_batch, load_losatok, reconstruct
+from losatok_jax.config import RELEASED_CONFIG, SAMPLE_RATE, ConfigError
+from losatok_jax.errors import LosatokError
+from losatok_jax.model import COMPUTE_DTYPES, FEATURE_KEYS
 
-DEFAULT_CONFIG = "config/16k_16k_25Hz_losatok.yml"
-SAMPLE_RATE = 16000
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# --device values, upstream's spelling ("cuda") included, and the JAX platform each means.
+PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "tpu": "tpu"}
+FEATURE_FORMATS = (".npz", ".pt")
+CONVERTED_SUFFIX = ".orbax"
+SOURCE_FILE = "converted_from.json"
 
 
-class DeviceError(ValueError):
+class DeviceError(LosatokError):
     """The requested JAX platform cannot be used on this machine."""
 
 
-def _resolve_config(path: str) -> str:
-    """`path` as given if it exists; else relative to the repository, so any cwd works."""
-    if not Path(path).exists() and (REPO_ROOT / path).exists():
-        return str(REPO_ROOT / path)
-    return path
-
-
-def _select_device(platform: str) -> None:
-    """Pins JAX to `platform`; must run before the first computation to take effect."""
+def select_device(name: str) -> None:
+    """Pins JAX to the platform `--device name` means; must run before the first computation."""
+    platform = PLATFORMS[name]
     previous = jax.config.jax_platforms
     jax.config.update("jax_platforms", platform)
     try:
@@ -54,12 +53,8 @@ def _select_device(platform: str) -> None:
         jax.config.update("jax_platforms", previous)  # leave an in-process caller's JAX usable
         # JAX's own advice (set JAX_PLATFORMS='') means "omit --device" here.
         reason = " ".join(str(e).split()).split(" (set JAX_PLATFORMS")[0]
-        raise DeviceError(f"--device {platform} is not available ({reason}); omit --device to "
+        raise DeviceError(f"--device {name} is not available ({reason}); omit --device to "
                           "let JAX choose") from None
-
-
-def _print_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
 
 
 def _positive_seconds(text: str) -> float:
@@ -76,13 +71,15 @@ def _parser() -> argparse.ArgumentParser:
                         help="audio file (wav, flac, ogg, mp3, ...); any rate, any channels")
     parser.add_argument("--output_path", required=True, help="reconstructed 16 kHz WAV to write")
     parser.add_argument("--model_path", default=None,
-                        help="converted checkpoint directory (convert/torch_to_orbax.py); "
-                             "default: random initialisation")
+                        help="converted checkpoint folder, or upstream's .pth (converted once "
+                             "beside it); default: random initialisation")
     parser.add_argument("--config_path", default=None,
-                        help=f"upstream YAML config (default: {DEFAULT_CONFIG}); with "
-                             "--model_path it is optional and must match the checkpoint's")
-    parser.add_argument("--device", choices=("cpu", "gpu", "tpu"), default=None,
-                        help="JAX platform to run on (default: JAX's choice)")
+                        help=f"upstream YAML config (default: the released {RELEASED_CONFIG}, "
+                             "shipped with the package); with a converted checkpoint it is "
+                             "optional and must match the checkpoint's")
+    parser.add_argument("--device", choices=tuple(PLATFORMS), default=None,
+                        help="where to run (cuda and gpu both mean the GPU; default: JAX's "
+                             "choice)")
     parser.add_argument("--dtype", default="float32", choices=COMPUTE_DTYPES,
                         help="compute dtype: float32 is the exact port; bfloat16 runs the "
                              "transformer and decoder matmuls in bf16 (fast on GPU and TPU)")
@@ -92,32 +89,114 @@ def _parser() -> argparse.ArgumentParser:
                         help="seed for --sample noise and for random initialisation")
     parser.add_argument("--max_duration", type=_positive_seconds, default=None,
                         help="use only the first S seconds of the input")
-    parser.add_argument("--save_features", default=None, metavar="F.npz",
-                        help="also write the nine encoder features, each (1, T, dim), to F.npz")
+    parser.add_argument("--save_features", default=None, metavar="F.npz|F.pt",
+                        help="also write the nine encoder features, each (1, T, dim): .npz "
+                             "(numpy), or .pt (a dict of torch tensors; needs torch)")
     parser.add_argument("--compilation_cache_dir", default=None, metavar="DIR",
                         help="persistent JAX compilation cache (default: "
                              f"${compilation.CACHE_DIR_ENV} if set)")
     return parser
 
 
+def _torch_for_features(path: str):
+    """torch, for writing `.pt` features; checked before any slow work."""
+    try:
+        import torch
+    except ImportError:
+        raise audio_io.AudioWriteError(
+            f"cannot write {path}: .pt features need torch (pip install torch), or name an "
+            ".npz file") from None
+    return torch
+
+
+def _check_features_path(path: str) -> None:
+    if Path(path).suffix.lower() not in FEATURE_FORMATS:
+        raise audio_io.AudioWriteError(f"cannot write {path}: --save_features takes a .npz or a "
+                                       ".pt file name")
+    if Path(path).suffix.lower() == ".pt":
+        _torch_for_features(path)
+    audio_io.check_writable(path)
+
+
+def _save_features(path: str, features: dict[str, np.ndarray]) -> None:
+    with audio_io.atomic_write(path) as f:
+        if Path(path).suffix.lower() == ".pt":
+            torch = _torch_for_features(path)
+            torch.save({key: torch.from_numpy(np.asarray(value)) for key, value in
+                        features.items()}, f)
+        else:
+            np.savez(f, **{key: np.asarray(value) for key, value in features.items()})
+
+
+def _source_stamp(pth: Path) -> dict:
+    stat = pth.stat()
+    return {"path": str(pth.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def converted_checkpoint(pth: Path, config_path: str | None) -> Path:
+    """The converted checkpoint folder for upstream checkpoint `pth`: `<name>.orbax/` beside it
+    (or, where that folder cannot be written, in the user's cache), converted on first use.
+    A folder converted from another file (or an older version of this one) is never reused or
+    overwritten: the error says what to do."""
+    if not pth.is_file():
+        raise LosatokError(f"--model_path {pth}: no such file")
+    stamp = dict(_source_stamp(pth), config=str(config_path or RELEASED_CONFIG))
+    beside = pth.with_name(pth.name.removesuffix(pth.suffix) + CONVERTED_SUFFIX)
+    digest = hashlib.sha256(stamp["path"].encode()).hexdigest()[:12]
+    cached = Path.home() / ".cache" / "losatok_jax" / f"{beside.name}-{digest}"
+    for folder in (beside, cached):
+        if (folder / SOURCE_FILE).is_file():
+            if json.loads((folder / SOURCE_FILE).read_text()) == stamp:
+                return folder
+            raise LosatokError(f"{folder} was converted from another version of {pth} (or with "
+                               "another config); remove it to convert again")
+    from losatok_jax import convert
+
+    folder = beside if _can_create(beside) else cached
+    command = (f"python -m losatok_jax.convert --model_path {pth} --output_dir {folder}"
+               + (f" --config_path {config_path}" if config_path else ""))
+    try:
+        convert._torch()
+    except convert.ConversionError:
+        raise LosatokError(f"--model_path {pth} is an upstream PyTorch checkpoint; it is "
+                           f"converted once with torch, which is not installed: "
+                           f"{convert.INSTALL_TORCH}, or convert it elsewhere with: {command}") \
+            from None
+    convert.convert(config_path or RELEASED_CONFIG, pth, folder)
+    (folder / SOURCE_FILE).write_text(json.dumps(stamp) + "\n")
+    print(f"converted {pth} into {folder}; later runs reuse it")
+    return folder
+
+
+def _can_create(folder: Path) -> bool:
+    """Whether `folder` is new and its parent writable (a conversion there would succeed)."""
+    if folder.exists():
+        return False
+    try:
+        audio_io.check_writable(folder)
+    except audio_io.AudioWriteError:
+        return False
+    return True
+
+
 def _run(args: argparse.Namespace) -> None:
     if args.device is not None:
-        _select_device(args.device)
+        select_device(args.device)
     cache_dir = compilation.enable_compilation_cache(args.compilation_cache_dir)
     counter = compilation.CompilationCounter()
     # Fail on unwritable outputs before the slow model load.
     audio_io.check_writable(args.output_path)
     if args.save_features is not None:
-        audio_io.check_writable(args.save_features)
+        _check_features_path(args.save_features)
     audio = audio_io.load_audio(args.input_path, SAMPLE_RATE, max_duration=args.max_duration)
 
-    config_path = args.config_path
-    if config_path is None and args.model_path is None:
-        config_path = DEFAULT_CONFIG
-    if config_path is not None:
-        config_path = _resolve_config(config_path)
-    model = load_losatok(args.model_path, config_path=config_path, seed=args.seed,
-                         dtype=args.dtype)
+    model_path, config_path = args.model_path, args.config_path
+    if model_path is not None and Path(model_path).suffix.lower() in (".pth", ".pt", ".bin"):
+        model_path = converted_checkpoint(Path(model_path), config_path)
+        config_path = None  # the conversion checked the checkpoint against it
+    if config_path is None and model_path is None:
+        config_path = RELEASED_CONFIG
+    model = load_losatok(model_path, config_path=config_path, seed=args.seed, dtype=args.dtype)
     if model.config.sample_rate != SAMPLE_RATE:
         raise ConfigError(f"the model expects {model.config.sample_rate} Hz audio; "
                           f"this tool reads and writes {SAMPLE_RATE} Hz")
@@ -134,8 +213,7 @@ def _run(args: argparse.Namespace) -> None:
 
     audio_io.save_audio(args.output_path, np.asarray(recon[0]), SAMPLE_RATE)
     if args.save_features is not None:
-        with audio_io.atomic_write(args.save_features) as f:
-            np.savez(f, **{key: np.asarray(features[key]) for key in FEATURE_KEYS})
+        _save_features(args.save_features, features)
     print(f"wrote {args.output_path}")
     if cache_dir is not None:
         print(f"compilation cache {cache_dir}: {counter.loaded} programs loaded, "
@@ -144,29 +222,8 @@ def _run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0, or 2 with one `error:` line on stderr)."""
-    args = _parser().parse_args(argv)
-    from losatok_jax.checkpoint import CheckpointError  # Orbax import is slow; after arg checks
+    return _cli.run_main(_parser(), _run, argv)
 
-    with warnings.catch_warnings():
-        warnings.showwarning = _print_warning  # one line per warning, like the errors
-        try:
-            _run(args)
-        except (audio_io.AudioReadError, audio_io.AudioWriteError, ConfigError, CheckpointError,
-                DeviceError) as e:
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
-    return 0
-
-
-class _CallableModule(types.ModuleType):
-    """Importing this module rebinds `losatok_jax.reconstruct` from the API function to the
-    module; forwarding calls keeps `losatok_jax.reconstruct(model, audio)` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return reconstruct(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,6 +1,6 @@
 """Spectral front ends and the ISTFT, as pure functions on time-major arrays.
 
-Conventions (SPEC.md): periodic Hann windows, centred STFTs with numpy-style reflect padding,
+Conventions (docs/architecture.md): periodic Hann windows, centred STFTs with numpy-style reflect padding,
 torchaudio's HTK mel filterbank without area normalisation. Arrays are laid out (batch, frames,
 bins); upstream's (batch, bins, frames) is a transpose away.
 """

@@ -36,11 +36,14 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from losatok_jax import audio_io, losses
+from losatok_jax import _cli, audio_io, losses
 from losatok_jax._layers import MATRIX_PARAMS
 from losatok_jax._modules import AudioVAE
+from losatok_jax.api import load_losatok
 from losatok_jax.config import ConfigError, LosatokConfig
-from losatok_jax.model import Losatok, load_losatok
+from losatok_jax.errors import LosatokError
+from losatok_jax.model import Losatok
+from losatok_jax.runners import DATA_AXIS
 
 # Parameter subtrees (paths in the Losatok params tree) that each trainable group owns. Everything
 # not selected, and always the semantic encoder, is frozen.
@@ -49,8 +52,6 @@ TRAINABLE_GROUPS: dict[str, tuple[tuple[str, ...], ...]] = {
     "acoustic_encoder": (("dasheng_tokenizer", "encoder"),),
     "decoder": (("dasheng_tokenizer", "upsampler"), ("dasheng_tokenizer", "decoder")),
 }
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".au",
-                    ".w64", ".caf")
 METRICS_FILE = "metrics.jsonl"
 RUN_OPTIONS_FILE = "train_options.json"
 CHECKPOINTS_DIR = "checkpoints"
@@ -208,8 +209,8 @@ def training_loss(trainable, frozen, audio: jax.Array, noise_keys: jax.Array, *,
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over `devices` (default: all) with axis "data"."""
-    return Mesh(np.array(devices if devices is not None else jax.devices()), ("data",))
+    """A 1-D mesh over `devices` (default: all) with axis `DATA_AXIS`."""
+    return Mesh(np.array(devices if devices is not None else jax.devices()), (DATA_AXIS,))
 
 
 def replicate(tree, mesh: Mesh):
@@ -229,7 +230,7 @@ def shard_batch(audio: np.ndarray, grad_accum: int, mesh: Mesh) -> jax.Array:
         raise ValueError(f"batch size {batch} must split into {grad_accum} micro-batches whose "
                          f"size is a multiple of the {mesh.size} devices")
     return jax.device_put(audio.reshape(grad_accum, micro, length),
-                          NamedSharding(mesh, P(None, "data")))
+                          NamedSharding(mesh, P(None, DATA_AXIS)))
 
 
 @functools.lru_cache(maxsize=8)
@@ -272,38 +273,16 @@ def make_train_step(config: LosatokConfig, train_config: TrainConfig, mesh: Mesh
                                   opt_state=opt_state)
         return new_state, metrics
 
-    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "data"))
+    replicated, batched = NamedSharding(mesh, P()), NamedSharding(mesh, P(None, DATA_AXIS))
     return jax.jit(step, in_shardings=(replicated, replicated, batched),
                    out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-class DataError(ValueError):
-    """Training data that cannot be used: a missing path, no audio files, nothing readable."""
+class DataError(LosatokError):
+    """Training data that cannot be used: nothing readable."""
 
 
-def list_audio_files(data: str | Path) -> list[Path]:
-    """Audio files under a folder (recursively, sorted) or listed in a manifest (one path a line,
-    relative to the manifest's folder; blank lines and `#` comments ignored)."""
-    data = Path(data)
-    if data.is_dir():
-        paths = sorted(p for p in data.rglob("*")
-                       if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS)
-        if not paths:
-            raise DataError(f"no audio files ({', '.join(AUDIO_EXTENSIONS)}) under {data}")
-        return paths
-    try:
-        lines = data.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) else "not a text manifest"
-        raise DataError(f"cannot read --data {data}: {reason}") from None
-    paths = [data.parent / line.strip() for line in lines
-             if line.strip() and not line.strip().startswith("#")]
-    if not paths:
-        raise DataError(f"manifest {data} lists no files")
-    return paths
-
-
-def load_clips(paths: Sequence[Path], sample_rate: int) -> tuple[list[np.ndarray], list[str]]:
+def load_clips(paths: Sequence[str | Path], sample_rate: int) -> tuple[list[np.ndarray], list[str]]:
     """Decodes every file once (mono, `sample_rate`); returns (clips, messages for the skipped)."""
     clips, skipped = [], []
     for path in paths:
@@ -378,28 +357,22 @@ def _keep_metrics_up_to(path: Path, step: int) -> None:
 
 
 class _Progress:
-    """A one-line progress bar on stderr, redrawn in place; only on a terminal, so that logs stay
-    clean."""
+    """A progress bar redrawn in place, on a terminal only: logs get the step lines alone."""
 
     def __init__(self, total: int, start: int):
         self.total, self.start, self.began = total, start, time.monotonic()
-        self.enabled = sys.stderr.isatty()
+        self.line = _cli.StatusLine(terminal_only=True)
         self.loss: float | None = None  # the last logged loss
 
     def update(self, done: int) -> None:
-        if not self.enabled:
-            return
         filled = 30 * done // self.total
         rate = (done - self.start) / max(time.monotonic() - self.began, 1e-9)
         loss = "" if self.loss is None else f"loss {self.loss:.4f}  "
-        sys.stderr.write(f"\r{done}/{self.total} [{'#' * filled}{'.' * (30 - filled)}] "
-                         f"{loss}{rate:.2f} step/s")
-        sys.stderr.flush()
+        self.line.show(f"{done}/{self.total} [{'#' * filled}{'.' * (30 - filled)}] "
+                       f"{loss}{rate:.2f} step/s")
 
     def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
-            sys.stderr.flush()
+        self.line.clear()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -509,7 +482,7 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1")
     train_config = _train_config(args)
-    paths = list_audio_files(args.data)
+    paths = [entry.path for entry in _cli.list_inputs(args.data)]
     model = load_losatok(args.init_from)
     crop = segment_samples(args.segment_seconds, model.config)
     mesh = data_mesh()
@@ -593,14 +566,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Runs the CLI; returns the exit status (0; 2 with one `error:` line on stderr; 130 when
     interrupted, after saving a checkpoint)."""
-    args = _parser().parse_args(argv)
-    from losatok_jax.checkpoint import CheckpointError  # Orbax import is slow; after arg checks
-
-    try:
-        return _run(args)
-    except (DataError, ConfigError, CheckpointError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return 2
+    return _cli.run_main(_parser(), _run, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Shared fixtures: golden checkpoints and random state dicts, converted by the real converter.
 
-Every model the tests use goes through `convert.torch_to_orbax.main` and `load_losatok`, so the
+Every model the tests use goes through `losatok_jax.convert.main` and `load_losatok`, so the
 equivalence tests cover the converter and the Orbax round trip as well as the model. Conversions
 are cached per session: JAX compiles per input shape, not per parameter values, so tests share
 models and shapes to keep the suite fast.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS_DIR))  # `import torch_oracle` and `from conftest import ...`
 
 import losatok_jax  # noqa: E402
-from convert import torch_to_orbax  # noqa: E402
+from losatok_jax import _programs, convert  # noqa: E402
+from losatok_jax.runners import CPU_MATMUL_ROWS  # noqa: E402
 
 GOLDEN_DIR = TESTS_DIR / "data" / "golden"
 GOLDEN_CASES = ("tiny_chunk40", "tiny_chunk1008")
@@ -57,12 +60,12 @@ def write_upstream_config(path: Path, *, embed_dim: int, depth: int, num_heads: 
 
 
 def run_converter(config_path, model_path, output_dir, semantic_encoder_path=None) -> int:
-    """`torch_to_orbax.main` with the command-line flags a user would pass."""
+    """`losatok_jax.convert.main` with the command-line flags a user would pass."""
     argv = ["--config_path", str(config_path), "--model_path", str(model_path),
             "--output_dir", str(output_dir)]
     if semantic_encoder_path is not None:
         argv += ["--semantic_encoder_path", str(semantic_encoder_path)]
-    return torch_to_orbax.main(argv)
+    return convert.main(argv)
 
 
 def in_out_kernels(tree: dict) -> dict:
@@ -81,7 +84,7 @@ def broadband_audio(batch: int, num_samples: int, seed: int) -> np.ndarray:
     """Coloured Gaussian noise with a slow amplitude modulation, peak 0.1, float32 (B, N).
 
     Broadband on purpose: on tonal audio float32 STFT rounding alone exceeds the tight
-    tolerances (SPEC.md, "Conditioning"). The spectral shape (a tilt plus ripple, within about
+    tolerances (docs/architecture.md, "Conditioning"). The spectral shape (a tilt plus ripple, within about
     ±15 dB) has no nulls, and the modulation keeps the envelope non-stationary without silence.
     """
     rng = np.random.default_rng(seed)
@@ -165,3 +168,29 @@ def checkpoint(golden_checkpoint):
 def model(golden_model):
     """The tiny_chunk40 golden model loaded: the default model of the API tests."""
     return golden_model("tiny_chunk40")
+
+
+def layer_inputs(config, stack: str, rows: int):
+    """One batch of `rows` rows as the model runs them: encoder rows in semantic chunks (a batch
+    of `rows / chunk_tokens` chunks where that divides), decoder rows as one sequence."""
+    if stack == "semantic":
+        chunk = config.semantic.chunk_tokens
+        shape = (rows // chunk, chunk) if rows > chunk and rows % chunk == 0 else (1, rows)
+        x = jax.random.normal(jax.random.key(0), (*shape, config.semantic.embed_dim))
+        return x, jnp.ones(shape, bool)
+    x = jax.random.normal(jax.random.key(0), (1, rows, config.decoder_embed_dim))
+    return x, jnp.ones((1, rows, 1))
+
+
+def lowered_layer(model, stack: str, rows: int):
+    """The CPU Runner's per-layer program for one layer of `stack` on `rows` rows, lowered."""
+    c = model.config
+    x, mask = layer_inputs(c, stack, rows)
+    weights = losatok_jax.Runner(model).layers[stack][0]
+    return _programs.apply_layer.lower(weights, x, mask, config=c, dtype=model.dtype,
+                                       stack=stack, max_rows=CPU_MATMUL_ROWS)
+
+
+def lowered_layers(model):
+    """Both stacks' per-layer programs."""
+    return [lowered_layer(model, stack, 8) for stack in ("semantic", "decoder")]

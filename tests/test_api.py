@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import losatok_jax
-from benchmarks.kernel_layout import layer_inputs
-from conftest import GOLDEN_DIR, broadband_audio
-from losatok_jax import FEATURE_KEYS, decode, encode, reconstruct
+from conftest import GOLDEN_DIR, broadband_audio, lowered_layers
+from losatok_jax import FEATURE_KEYS, _programs, decode, encode
+from losatok_jax.api import reconstruct
 
 BATCH, NUM_SAMPLES = 2, 8000
 TOKENS = (1 + NUM_SAMPLES // 160) // 4  # 12
@@ -155,8 +155,8 @@ def test_gradients_through_encode_and_decode(model, audio, features):
 
 def _compiled_programs() -> int:
     """Programs compiled so far by all of the API's jitted entry points."""
-    jitted = [f for f in vars(losatok_jax.model).values() if hasattr(f, "_cache_size")]
-    assert jitted, "losatok_jax.model has no jitted entry points to count"
+    jitted = [f for f in vars(_programs).values() if hasattr(f, "_cache_size")]
+    assert jitted, "losatok_jax._programs has no jitted entry points to count"
     return sum(f._cache_size() for f in jitted)
 
 
@@ -200,26 +200,12 @@ def _lowered_round_trip(model, audio):
     return jax.jit(lambda m, x: decode(m, encode(m, x)["z"])).lower(model, audio)
 
 
-def _lowered_layer(model, stack: str, rows: int):
-    """The CPU Runner's per-layer program for one layer of `stack` on `rows` rows, lowered."""
-    c = model.config
-    x, mask = layer_inputs(c, stack, rows)
-    weights = losatok_jax.model.Runner(model).layers[stack][0]
-    return losatok_jax.model._apply_layer.lower(weights, x, mask, config=c, dtype=model.dtype,
-                                                stack=stack)
-
-
-def _lowered_layers(model):
-    """Both stacks' per-layer programs."""
-    return [_lowered_layer(model, stack, 8) for stack in ("semantic", "decoder")]
-
-
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_matmuls_run_at_full_float32_precision_on_every_backend(model, audio, dtype):
     """JAX's default precision lets GPUs use TF32 and TPUs one bfloat16 pass for float32
     matmuls; the model's programs ask for full precision (bfloat16 operands stay bfloat16)."""
     model = model.astype(dtype)
-    for lowered in [_lowered_round_trip(model, audio), *_lowered_layers(model)]:
+    for lowered in [_lowered_round_trip(model, audio), *lowered_layers(model)]:
         precisions = _matmul_precisions(lowered)
         assert len(precisions) >= 2
         assert set(precisions) == {("HIGHEST", "HIGHEST")}
@@ -231,7 +217,7 @@ def test_a_matmul_precision_the_caller_sets_is_kept(model, audio, precision, lev
     always compute at full precision."""
     with jax.default_matmul_precision(precision):
         round_trip = collections.Counter(_matmul_precisions(_lowered_round_trip(model, audio)))
-        layers = [set(_matmul_precisions(lowered)) for lowered in _lowered_layers(model)]
+        layers = [set(_matmul_precisions(lowered)) for lowered in lowered_layers(model)]
         caller_z = encode(model, audio)["z"]
     assert layers == [{(level, level)}] * 2
     assert set(round_trip) == {(level, level), ("HIGHEST", "HIGHEST")}
@@ -240,65 +226,10 @@ def test_a_matmul_precision_the_caller_sets_is_kept(model, audio, precision, lev
     np.testing.assert_array_equal(caller_z, encode(model, audio)["z"])
 
 
-def test_layer_programs_read_linear_weights_as_stored(model):
-    """Every weight product contracts the (out, in) weight's last axis, the layout XLA's CPU dots
-    read fastest (`benchmarks/kernel_layout.py`), with no transposed copy of a weight."""
-    for lowered in _lowered_layers(model):
-        compiled = lowered.compile().as_text()
-        products = [line for line in compiled.splitlines()
-                    if " dot(" in line and "lhs_batch_dims" not in line]
-        assert len(products) >= 2
-        assert all("rhs_contracting_dims={1}" in line for line in products)
-        assert not re.search(r"(transpose|copy)\([^)]*weight", compiled)
-
-
 def test_runtime_package_never_imports_torch():
-    code = ("import sys, losatok_jax, losatok_jax.model, losatok_jax.checkpoint; "
+    code = ("import sys, losatok_jax, losatok_jax.api, losatok_jax.checkpoint, losatok_jax.convert; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                             text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin",
                                             "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr
-
-
-def test_cpu_runner_runs_layers_on_views_of_the_stacked_weights(model):
-    """The CPU Runner's per-layer weights are the stacked arrays' memory, not copies."""
-    layers = losatok_jax.model.Runner(model).layers
-    stacked = model.params["semantic_encoder"]["encoder"]["blocks"]["mlp"]["fc1"]["weight"]
-    per_layer = [weights["mlp"]["fc1"]["weight"] for weights in layers["semantic"]]
-    assert len(per_layer) == model.config.semantic.depth
-    for i, weight in enumerate(per_layer):
-        np.testing.assert_array_equal(weight, stacked[i])
-        offset = weight.unsafe_buffer_pointer() - stacked.unsafe_buffer_pointer()
-        assert offset == i * weight.nbytes
-    assert losatok_jax.model.Runner(model).layers is layers  # built once per model
-
-
-def test_per_layer_runs_equal_the_scanned_stacks(model, audio):
-    """One jitted call per layer (the CPU Runner) against one scan per stack (pmap, meshes and
-    traces), on the same inputs and parameters."""
-    per_layer = losatok_jax.model.Runner(model)
-    scanned = losatok_jax.model.Runner(model)
-    scanned.layers = None
-    clips = [audio[0], audio[1, :5000]]
-    a = encode(model, clips, runner=per_layer)
-    b = encode(model, clips, runner=scanned)
-    for fa, fb in zip(a, b):
-        for key in FEATURE_KEYS:
-            np.testing.assert_allclose(fa[key], fb[key], rtol=1e-6, atol=1e-6, err_msg=key)
-    audio_a = decode(model, [f["z"] for f in a], runner=per_layer)
-    audio_b = decode(model, [f["z"] for f in a], runner=scanned)
-    for x, y in zip(audio_a, audio_b):
-        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
-
-
-def test_per_layer_weights_follow_parameters_replaced_in_place(model, audio):
-    other = losatok_jax.Losatok(jax.tree.map(lambda p: p, model.params), model.config)
-    before = encode(other, audio)["z"]
-    blocks = other.params["semantic_encoder"]["encoder"]["blocks"]
-    blocks["mlp"]["fc2"]["weight"] = blocks["mlp"]["fc2"]["weight"] * 1.5
-    after = encode(other, audio)["z"]
-    scanned = losatok_jax.model.Runner(other)
-    scanned.layers = None
-    np.testing.assert_allclose(after, encode(other, audio, runner=scanned)["z"], atol=1e-6)
-    assert np.abs(after - before).max() > 1e-3

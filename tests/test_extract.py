@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -247,16 +246,6 @@ def test_two_processes_equal_one(checkpoint, audio_folder, tmp_path):
     assert sorted(json.loads(line)["id"] for line in index) == sorted(GOOD)
 
 
-def test_list_inputs(tmp_path):
-    (tmp_path / "list.txt").write_text("# comment\nb.wav\na.wav\n\n")
-    assert extract.list_inputs(str(tmp_path / "list.txt")) == [
-        extract.Entry("a.wav", "a.wav"), extract.Entry("b.wav", "b.wav")]
-    (tmp_path / "dup.jsonl").write_text('{"path": "x.wav", "id": "k"}\n{"path": "y.wav", "id": "k"}\n')
-    with pytest.raises(extract.ExtractError, match="more than once"):
-        extract.list_inputs(str(tmp_path / "dup.jsonl"))
-    (tmp_path / "bad.jsonl").write_text('{"id": "no path"}\n')
-    with pytest.raises(extract.ExtractError, match="bad.jsonl:1"):
-        extract.list_inputs(str(tmp_path / "bad.jsonl"))
 
 
 def test_record_round_trip():
@@ -268,39 +257,6 @@ def test_record_round_trip():
         assert (record["id"], record["path"], record["num_tokens"]) == ("x", "p", 3)
         assert record["z"].dtype.name == dtype
         np.testing.assert_array_equal(record["z"].astype(np.float32), features["z"])
-
-
-PARALLEL_SCRIPT = textwrap.dedent("""
-    import sys
-    import numpy as np, jax
-    import losatok_jax
-    from losatok_jax.parallel import MeshRunner, PmapRunner
-    assert jax.local_device_count() == 8, jax.devices()
-    model = losatok_jax.load_losatok(sys.argv[1])
-    buckets = losatok_jax.Buckets(batch_sizes=(1, 2), num_tokens=(32, 64))
-    rng = np.random.default_rng(0)
-    clips = [(0.1 * rng.standard_normal(int(n))).astype(np.float32)
-             for n in rng.uniform(600, 16000 * 6, 13)]
-    key = jax.random.key(3)
-    ref = losatok_jax.encode(model, clips, buckets=buckets, sample=True, rng=key)
-    ref_audio = losatok_jax.decode(model, [f["z"] for f in ref], buckets=buckets)
-    for runner in (PmapRunner(model), MeshRunner(model)):
-        assert runner.num_devices == 8
-        out = losatok_jax.encode(model, clips, buckets=buckets, sample=True, rng=key, runner=runner)
-        audio = losatok_jax.decode(model, [f["z"] for f in out], buckets=buckets, runner=runner)
-        feature_error = max(np.abs(a[k] - b[k]).max() for a, b in zip(ref, out) for k in a)
-        audio_error = max(np.abs(a - b).max() for a, b in zip(ref_audio, audio))
-        print(type(runner).__name__, feature_error, audio_error)
-        assert feature_error <= 1e-5 and audio_error <= 1e-5
-""")
-
-
-def test_parallel_equals_single_on_8_devices(checkpoint):
-    result = subprocess.run([sys.executable, "-c", PARALLEL_SCRIPT, str(checkpoint)],
-                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=600,
-                            env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "PmapRunner" in result.stdout and "MeshRunner" in result.stdout
 
 
 def test_settings_guard_names_the_earlier_flags(tmp_path):

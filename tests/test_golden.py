@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 
 import losatok_jax
-from conftest import GOLDEN_CASES, GOLDEN_DIR, in_out_kernels
-from losatok_jax import ConfigError, LosatokConfig, checkpoint, load_config
+from conftest import GOLDEN_CASES
 
 EMBEDDING_TOL, AUDIO_TOL, LOGMEL_TOL = 1e-4, 1e-5, 1e-3
 TOLERANCES = {
@@ -78,39 +77,3 @@ def test_matches_golden(golden_run, name, error_table):
     error_table.setdefault(run, {})[name] = err
     print(f"{run[0]} {run[1]} {name}: max|Δ| = {err:.2e}")
     assert err <= TOLERANCES[name], f"{run}: {name} max|Δ| {err:.3e} > {TOLERANCES[name]:g}"
-
-
-@pytest.mark.parametrize("case", GOLDEN_CASES)
-def test_stored_config_equals_yaml(case, golden_checkpoint):
-    stored = LosatokConfig.from_json((golden_checkpoint(case) / "config.json").read_text())
-    assert stored == load_config(GOLDEN_DIR / case / "config.yml")
-
-
-@pytest.mark.parametrize("case", GOLDEN_CASES)
-def test_load_with_the_same_yaml(case, golden_checkpoint, golden_model):
-    model = losatok_jax.load_losatok(golden_checkpoint(case),
-                                     config_path=GOLDEN_DIR / case / "config.yml")
-    assert model.config == golden_model(case).config
-
-
-def test_load_with_a_different_yaml_raises(golden_checkpoint):
-    other_yaml = GOLDEN_DIR / "tiny_chunk1008" / "config.yml"
-    with pytest.raises(ConfigError, match="decoder_dim"):
-        losatok_jax.load_losatok(golden_checkpoint("tiny_chunk40"), config_path=other_yaml)
-
-
-def test_loading_a_checkpoint_of_another_layout_says_what_to_do(golden_model, tmp_path):
-    """A checkpoint whose parameter names differ from the model's is refused with a message that
-    says why: linear layers stored (in, out) by an earlier version, or which names differ."""
-    model = golden_model("tiny_chunk40")
-    old_layout = losatok_jax.Losatok(in_out_kernels(model.params), model.config)
-    checkpoint.save(tmp_path / "old", old_layout)
-    with pytest.raises(checkpoint.CheckpointError, match="earlier losatok-jax.*convert the "
-                                                         "upstream .pth files again"):
-        losatok_jax.load_losatok(tmp_path / "old")
-    params = dict(model.params)
-    del params["fc_a"]
-    checkpoint.save(tmp_path / "partial", losatok_jax.Losatok(params, model.config))
-    with pytest.raises(checkpoint.CheckpointError, match=r"do not match config.json \(missing: "
-                                                         r"fc_a/bias, fc_a/weight; unexpected: -"):
-        losatok_jax.load_losatok(tmp_path / "partial")

@@ -12,7 +12,7 @@ import losatok_jax
 from losatok_jax import decode
 from losatok_jax._layers import (ConvNeXtBlock, TransformerBlock, gelu, heads_major_attention,
                                  in_row_blocks)
-from losatok_jax._modules import CPU_MATMUL_ROWS
+from losatok_jax.runners import CPU_MATMUL_ROWS
 
 
 def test_row_blocks_are_near_equal_and_at_most_max_rows():
@@ -80,7 +80,7 @@ def test_cpu_decoder_layers_split_long_rows_and_match_the_scan(model):
     """A 640-token window decodes through 1280-frame rows, past CPU_MATMUL_ROWS."""
     assert 2 * 640 > CPU_MATMUL_ROWS
     z = np.random.default_rng(4).standard_normal((640, model.config.decoder_dim), np.float32)
-    scanned = losatok_jax.model.Runner(model)
+    scanned = losatok_jax.Runner(model)
     scanned.layers = None
     np.testing.assert_allclose(decode(model, [z])[0], decode(model, [z], runner=scanned)[0],
                                rtol=1e-6, atol=1e-7)

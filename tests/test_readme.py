@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -35,13 +36,16 @@ def test_grain_pipeline_example_runs(golden_checkpoint, tmp_path):
     assert namespace["batch"]["mask"].dtype == bool
 
 
-def test_readme_shows_the_latest_cpu_table():
-    """The README's performance table is the one `benchmarks.run` last wrote, row for row."""
-    results = README.parent / "benchmarks" / "results" / "cpu.md"
-    rows = []
-    for line in results.read_text().splitlines():
-        if line.startswith("|"):
-            rows.append(line)
-        elif rows:
-            break
-    assert len(rows) > 2 and "\n".join(rows) in README.read_text()
+def test_readme_performance_table_is_its_results_file():
+    """Every row of the README's performance table is the benchmark run it names, number for
+    number."""
+    results = json.loads((README.parent / "benchmarks" / "results" /
+                          "cpu-epyc7001-full.json").read_text())
+    text = README.read_text()
+    assert "--name cpu-epyc7001-full" in text
+    for row in results["rows"]:
+        jax_row = row["jax"]
+        line = (f"| {row['operation']} | {row['input']} | {jax_row['steady_s']:.3f} | "
+                f"{jax_row['x_realtime']:.2f} | {row['jax_over_pytorch']:.2f} | "
+                f"{jax_row['fraction_of_matmul_peak']:.0%} | {jax_row['peak_rss_gb']:.2f} |")
+        assert line in text, line

@@ -1,4 +1,4 @@
-"""Validates the SPEC.md-only PyTorch oracle against the upstream golden vectors.
+"""Validates the independent PyTorch oracle against the upstream golden vectors.
 
 Once it reproduces upstream on the golden cases, the oracle can stand in for upstream on
 configurations the golden files do not cover (LayerScale, no qkv bias, other lengths).

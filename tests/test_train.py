@@ -378,13 +378,6 @@ def test_cli_errors_are_one_line(case, full_run, init_checkpoint, data_dir, tmp_
     assert len([line for line in lines if not line.startswith("warning:")]) == 1, err
 
 
-def test_manifest_lists_files_relative_to_itself(tmp_path):
-    manifest = tmp_path / "lists" / "train.txt"
-    manifest.parent.mkdir()
-    manifest.write_text("# training files\nclip0.wav\n\n  ../sub/clip 1.flac  \n/abs/x.wav\n")
-    assert train.list_audio_files(manifest) == [
-        tmp_path / "lists" / "clip0.wav", tmp_path / "lists" / "../sub/clip 1.flac",
-        Path("/abs/x.wav")]
 
 
 def test_crops_are_a_function_of_seed_and_step():

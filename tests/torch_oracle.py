@@ -1,4 +1,5 @@
-"""Independent PyTorch reference for LoSATok, written from SPEC.md alone.
+"""Independent PyTorch reference for LoSATok, written from the architecture description alone
+(docs/architecture.md), not from the port.
 
 The JAX port is tested against this oracle on configurations the golden vectors do not
 cover (random weights, LayerScale, no qkv bias, other lengths). It runs in float64 by

@@ -9,8 +9,9 @@ are checked against our own computation and dropped.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
@@ -109,26 +110,62 @@ def is_buffer(key: str) -> bool:
     return key in (_ACOUSTIC_WINDOW, _ACOUSTIC_FB, _ISTFT_WINDOW) or bool(_UNUSED.match(key))
 
 
-def to_flax(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Maps a float state dict to flat Flax paths ("a/b/kernel"), stacking repeated layers."""
-    flat: dict[str, np.ndarray] = {}
-    layers: dict[str, dict[int, np.ndarray]] = {}
-    for key, value in state.items():
+@dataclasses.dataclass(frozen=True)
+class Leaf:
+    """One Flax parameter: the upstream keys it is built from (one, or one per stacked layer, in
+    layer order) and the re-layout applied to each."""
+
+    sources: tuple[str, ...]
+    relayout: Callable[[np.ndarray], np.ndarray]
+    stacked: bool
+
+    def shape(self, source_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The leaf's shape, from one source's shape, without reading any data."""
+        layer = self.relayout(np.empty(source_shape, np.float32)).shape
+        return (len(self.sources), *layer) if self.stacked else layer
+
+    def build(self, read: Callable[[str], np.ndarray]) -> np.ndarray:
+        """The leaf's float32 values; `read(key)` gives one source tensor as numpy."""
+        def one(key):
+            return np.ascontiguousarray(self.relayout(np.asarray(read(key), np.float32)))
+
+        if not self.stacked:
+            return one(self.sources[0])
+        first = one(self.sources[0])
+        out = np.empty((len(self.sources), *first.shape), np.float32)
+        out[0] = first
+        for i, key in enumerate(self.sources[1:], 1):
+            out[i] = one(key)  # each layer is read, copied and dropped in turn
+        return out
+
+
+def plan(keys: Iterable[str]) -> dict[str, Leaf]:
+    """Flat Flax paths ("a/b/kernel") -> how to build each from upstream keys; repeated layers
+    are stacked on a leading axis."""
+    leaves: dict[str, Leaf] = {}
+    layers: dict[str, dict[int, str]] = {}
+    relayouts: dict[str, Callable] = {}
+    for key in keys:
         if is_buffer(key):
             continue
         path, relayout, layer = _map_key(key)
-        value = np.ascontiguousarray(relayout(np.asarray(value, np.float32)))
         if layer is None:
-            flat[path] = value
+            leaves[path] = Leaf((key,), relayout, stacked=False)
         else:
-            layers.setdefault(path, {})[layer] = value
+            layers.setdefault(path, {})[layer] = key
+            relayouts[path] = relayout
     for path, by_layer in layers.items():
         count = max(by_layer) + 1
         gaps = sorted(set(range(count)) - set(by_layer))
         if gaps:
             raise MappingError(f"{path}: layers {gaps} are missing")
-        flat[path] = np.stack([by_layer[i] for i in range(count)])
-    return flat
+        leaves[path] = Leaf(tuple(by_layer[i] for i in range(count)), relayouts[path], True)
+    return leaves
+
+
+def to_flax(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Maps a float state dict to flat Flax paths ("a/b/kernel"), stacking repeated layers."""
+    return {path: leaf.build(state.__getitem__) for path, leaf in plan(state).items()}
 
 
 def _count_layers(state: Mapping[str, np.ndarray], stack: str) -> int:
@@ -142,7 +179,7 @@ def infer_config(state: Mapping[str, np.ndarray], num_heads: int) -> dict[str, d
     The number of heads is not in the tensors; it is only used to spell the result.
     """
     enc = "semantic_encoder.encoder"
-    shape = {k: v.shape for k, v in state.items()}
+    shape = {k: tuple(v.shape) for k, v in state.items()}
 
     def need(key):
         if key not in shape:

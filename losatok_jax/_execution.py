@@ -1,0 +1,157 @@
+"""Running batch plans: clips and latent sequences of any lengths, cut into pieces
+(`_batching`), batched into bucketed rows, run by a `Runner`, and put back together per clip.
+
+`warmup` compiles ahead of time exactly what a runner will run for a set of buckets.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from losatok_jax import _batching, _programs
+from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
+from losatok_jax.config import LosatokConfig
+from losatok_jax.model import FEATURE_KEYS
+from losatok_jax.runners import Runner
+
+
+def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
+                  keys: tuple[str, ...], noise_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim).
+
+    Every clip is cut into semantic-chunk windows (`_batching.encode_pieces`); a window's row is
+    the shortest encode length that holds it. Clips of several windows get their spectrogram
+    peak from a first pass over their windows, so the 120 dB floor follows the whole clip.
+    """
+    c = runner.model.config
+    tokens = [c.num_tokens(len(clip)) for clip in clips]
+    pieces = [p for i in range(len(clips)) for p in _batching.encode_pieces(c, i, tokens[i])]
+    peaks = np.full(len(clips), -np.inf, np.float32)  # -inf: the window's own peak is the clip's
+    several = [p for p in pieces if tokens[p.clip] > p.count]
+    chunk = c.semantic.chunk_tokens
+    for group, size in buckets.batch_groups(several, chunk, runner.num_devices):
+        buffers, valid = _window_rows(c, clips, group, chunk, size)
+        window_peak = runner.window_peaks(buffers, valid)
+        for r, p in enumerate(group):
+            peaks[p.clip] = max(peaks[p.clip], window_peak[r])
+    outputs = _Outputs(tokens)
+    for length, members in _by_length(pieces, lambda p: buckets.encode_length(c, p.count)):
+        for group, size in buckets.batch_groups(members, length, runner.num_devices):
+            buffers, valid = _window_rows(c, clips, group, length, size)
+            filler = [0] * (size - len(group))
+            clip_peaks = np.array([peaks[p.clip] for p in group] + filler, np.float32)
+            starts = np.array([p.start for p in group] + filler, np.int32)
+            ids = _padded_ids(noise_ids, [p.clip for p in group], size)
+            out = runner.encode_windows(rng, buffers, valid, clip_peaks, ids, starts, keys)
+            for r, p in enumerate(group):
+                outputs.place(p.clip, p.start, {k: out[k][r, :p.count] for k in keys})
+    return outputs.arrays
+
+
+def _by_length(pieces, row_length) -> list[tuple[int, list]]:
+    """Pieces grouped by the row length each needs, shortest first."""
+    groups: dict[int, list] = {}
+    for p in pieces:
+        groups.setdefault(row_length(p), []).append(p)
+    return sorted(groups.items())
+
+
+def _window_rows(config: LosatokConfig, clips, group, window: int, size: int):
+    """A batch of `size` rows of `window`-token buffers for the pieces in `group` (the rest are
+    zero filler), and each row's count of real frames."""
+    frames = _batching.window_frames(config, window)
+    buffers = np.zeros((size, _batching.window_samples(config, window)), np.float32)
+    valid = np.full(size, frames, np.int32)
+    for r, p in enumerate(group):
+        buffers[r] = _batching.window_buffer(config, clips[p.clip], p.start, window)
+        valid[r] = min(1 + len(clips[p.clip]) // config.hop_length
+                       - p.start * config.frames_per_token, frames)
+    return buffers, valid
+
+
+def _padded_ids(noise_ids: Sequence[int], members: Sequence[int], size: int) -> np.ndarray:
+    """Noise ids of a batch's clips, padded with zeros for its filler rows."""
+    return np.array([noise_ids[i] for i in members] + [0] * (size - len(members)), np.int32)
+
+
+class _Outputs:
+    """Each clip's results, allocated at full length on its first piece and filled in place, so
+    a long clip's output never exists twice (as pieces and as their concatenation)."""
+
+    def __init__(self, lengths: Sequence[int]):
+        self.lengths = lengths
+        self.arrays: list[Any] = [None] * len(lengths)
+
+    def place(self, clip: int, start: int, piece):
+        if self.arrays[clip] is None:
+            self.arrays[clip] = jax.tree.map(
+                lambda x: np.empty((self.lengths[clip], *x.shape[1:]), x.dtype), piece)
+        for out, values in zip(jax.tree.leaves(self.arrays[clip]), jax.tree.leaves(piece)):
+            out[start:start + len(values)] = values
+
+
+def decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets) -> list[np.ndarray]:
+    """Decodes (T_i, D) latent sequences of any lengths; returns (640 · T_i,) audio each."""
+    c = runner.model.config
+    hop = c.samples_per_token
+    outputs = _Outputs([len(z) * hop for z in latents])
+    packed = _batching.decode_rows(c, buckets, [len(z) for z in latents])
+    for length, members in _by_length(packed, lambda row: row.length):
+        for group, size in buckets.batch_groups(members, length, runner.num_devices):
+            rows = np.zeros((size, length, c.decoder_dim), np.float32)
+            token_mask = np.zeros((size, length), bool)
+            for r, row in enumerate(group):
+                for p, offset in row.pieces:
+                    span = slice(offset, offset + p.stop - p.source)
+                    rows[r, span] = latents[p.clip][p.source:p.stop]
+                    token_mask[r, span] = True
+            audio = runner.decode_rows(rows, token_mask)
+            for r, row in enumerate(group):
+                for p, offset in row.pieces:
+                    begin = (offset + p.start - p.source) * hop
+                    outputs.place(p.clip, p.start * hop, audio[r, begin:begin + p.count * hop])
+    return outputs.arrays
+
+
+def warmup(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
+           keys: Sequence[str] = FEATURE_KEYS, decode_too: bool = True) -> int:
+    """Compiles, without running, every program `runner` runs for plans within `buckets`: the same
+    stages with the same shapes and placement, lowered from shapes alone. Returns their number."""
+    c = runner.model.config
+    spec = jax.ShapeDtypeStruct
+    rng = jax.random.key(0) if sample else None
+    chunk = c.semantic.chunk_tokens
+    device = jax.sharding.SingleDeviceSharding(runner.device)
+
+    def on_device(shapes):  # one program's outputs, as the next program receives them
+        return jax.tree.map(lambda x: spec(x.shape, x.dtype, sharding=device), shapes)
+
+    lowered = []
+    for b in buckets.batch_sizes:
+        ints, floats = spec((b,), jnp.int32), spec((b,), jnp.float32)
+
+        def buffers(window):
+            return spec((b, _batching.window_samples(c, window)), jnp.float32)
+
+        if b <= buckets.max_batch(chunk):
+            lowered.append(runner.lower(_programs.window_peaks, (), (buffers(chunk), ints)))
+        for k in (k for k in buckets.encode_lengths(c) if b <= buckets.max_batch(k)):
+            stem_inputs = (buffers(k), ints, floats)
+            stem = on_device(jax.eval_shape(_programs.encode_stem, runner.model, *stem_inputs))
+            lowered += [runner.lower(_programs.encode_stem, (), stem_inputs),
+                        runner.lower_stack("semantic", stem["chunks"], stem["chunk_mask"]),
+                        runner.lower(_programs.encode_finish, (rng,),
+                                     (stem, stem["chunks"], ints, ints), keys=tuple(keys))]
+        for k in (k for k in buckets.num_tokens if decode_too and b <= buckets.max_batch(k)):
+            rows = (spec((b, k, c.decoder_dim), jnp.float32), spec((b, k), jnp.bool_))
+            x, keep = on_device(jax.eval_shape(_programs.decode_stem, runner.model, *rows))
+            lowered += [runner.lower(_programs.decode_stem, (), rows),
+                        runner.lower_stack("decoder", x, keep),
+                        runner.lower(_programs.decode_finish, (), (x, keep))]
+    for program in lowered:
+        program.compile()
+    return len(lowered)

@@ -1,0 +1,67 @@
+"""The package as a whole: imports point one way, no module swaps its class, and the docs cite
+only files the repository holds."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGE = REPO / "losatok_jax"
+
+
+def _imports(path: Path) -> set[str]:
+    """The losatok_jax modules a file imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("losatok_jax"):
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("losatok_jax"))
+    return found
+
+
+def test_no_import_cycle_in_the_package():
+    modules = {f"losatok_jax.{p.stem}": p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    graph = {name: {m for m in _imports(path) if m in modules and m != name}
+             for name, path in modules.items()}
+    state: dict[str, str] = {}
+
+    def visit(name, trail):
+        if state.get(name) == "done":
+            return
+        assert state.get(name) != "open", "import cycle: " + " -> ".join(trail + [name])
+        state[name] = "open"
+        for child in sorted(graph[name]):
+            visit(child, trail + [name])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_no_module_swaps_its_class():
+    for path in PACKAGE.rglob("*.py"):
+        assert "__class__ =" not in path.read_text(), path
+
+
+def test_readme_is_short():
+    assert len((REPO / "README.md").read_text().splitlines()) <= 250
+
+
+def test_docs_cite_only_files_the_repository_holds():
+    """Markdown links and backticked repository paths in the docs, README and docstrings."""
+    texts = [REPO / "README.md", *REPO.glob("docs/*.md"), *REPO.glob("*/README.md"),
+             *PACKAGE.rglob("*.py"), *REPO.glob("benchmarks/*.py"), *REPO.glob("tests/*.py")]
+    cited = re.compile(r"(?:\]\(|`)((?:\.\./)?(?:docs|benchmarks|tests|losatok_jax|convert|config|"
+                       r"ckpts|examples)/[\w./-]+?\.(?:md|py|json|yml|wav|sh|c))(?:[)#`]|$)")
+    missing = []
+    for text_file in texts:
+        for path in cited.findall(text_file.read_text()):
+            base = text_file.parent if path.startswith("../") else REPO
+            if "*" not in path and not (base / path).exists() and not (REPO / path).exists():
+                missing.append(f"{text_file.relative_to(REPO)}: {path}")
+    assert not missing
+    assert not [p for p in texts if "SPEC.md" in p.read_text() and p.name != "test_package.py"]
