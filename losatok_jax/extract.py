@@ -9,7 +9,8 @@ INPUT is a folder (searched recursively for audio files) or a manifest: a `.txt`
 path as listed); a manifest's relative paths are relative to the manifest (`_cli.list_inputs`). Output, in OUT:
 - `latents-PPPPP-SSSSS.array_record`: shard S of process P, one record per clip
   (`losatok_jax.data.decode_record`); each with `latents-PPPPP-SSSSS.index.jsonl` beside it;
-- `index.jsonl`: every record (id, path, shard, position, num_tokens, duration);
+- `index.jsonl`: every record (id, path, shard, position, num_tokens, duration; and
+  truncated_seconds for a file cut short, decoded up to where its data ends, with a warning);
 - `failures.jsonl`: inputs that could not be encoded in the latest run, with the reason;
 - `extraction.json`: the settings that decide the records' values (features, storage and compute
   dtypes, sampling and its seed). A re-run into the same OUT must use the same ones, so one
@@ -31,12 +32,14 @@ import json
 import os
 import sys
 import time
+import warnings
 import zlib
 from pathlib import Path
 from typing import Iterator
 
 from losatok_jax import _cli
 from losatok_jax._cli import Entry, list_inputs
+from losatok_jax.audio_io import TruncatedAudioWarning, truncation_message
 from losatok_jax.config import SAMPLE_RATE
 from losatok_jax.errors import LosatokError
 
@@ -157,16 +160,16 @@ def merge_indexes(directory: Path):
 
 
 def _load(entry: Entry, min_samples: int, max_duration: float | None):
-    """(audio, None) or (None, reason): decoding problems are data, not crashes."""
-    from losatok_jax.audio_io import AudioReadError, load_audio
+    """(audio_io.Audio, None) or (None, reason): decoding problems are data, not crashes."""
+    from losatok_jax.audio_io import AudioReadError, read_audio
 
     try:
-        audio = load_audio(entry.path, SAMPLE_RATE, max_duration=max_duration)
+        audio = read_audio(entry.path, SAMPLE_RATE, max_duration=max_duration)
     except AudioReadError as e:
         return None, str(e)
-    if len(audio) < min_samples:
-        return None, (f"too short: {len(audio)} samples, the model needs at least {min_samples} "
-                      f"({1000 * min_samples / SAMPLE_RATE:.0f} ms)")
+    if len(audio.samples) < min_samples:
+        return None, (f"too short: {len(audio.samples)} samples, the model needs at least "
+                      f"{min_samples} ({1000 * min_samples / SAMPLE_RATE:.0f} ms)")
     return audio, None
 
 
@@ -256,16 +259,18 @@ def run(args) -> Progress:
         def flush():
             if not group:
                 return
-            latents = encode(model, [audio for _, audio in group], sample=args.sample, rng=rng,
-                             buckets=buckets, features=features, runner=runner,
+            latents = encode(model, [audio.samples for _, audio in group], sample=args.sample,
+                             rng=rng, buckets=buckets, features=features, runner=runner,
                              noise_ids=[noise_id(entry.id) for entry, _ in group])
             for (entry, audio), clip in zip(group, latents):
-                duration = len(audio) / SAMPLE_RATE
+                duration = len(audio.samples) / SAMPLE_RATE
+                row = {"id": entry.id, "path": entry.path, "duration": duration,
+                       "num_tokens": len(clip[features[0]])}
+                if audio.missing_seconds:
+                    row["truncated_seconds"] = round(audio.missing_seconds, 6)
                 writer.write(data.encode_record(id=entry.id, path=entry.path, duration=duration,
                                                 sample_rate=SAMPLE_RATE, features=clip,
-                                                dtype=args.dtype),
-                             {"id": entry.id, "path": entry.path, "duration": duration,
-                              "num_tokens": len(clip[features[0]])})
+                                                dtype=args.dtype), row)
                 progress.done += 1
                 progress.hours += duration / 3600
             group.clear()
@@ -273,11 +278,19 @@ def run(args) -> Progress:
 
         for entry, audio, reason in _prefetched(pending, args.num_workers,
                                                 model.config.min_samples, args.max_duration):
+            if reason is None and audio.missing_seconds:
+                message = truncation_message(entry.path, audio, SAMPLE_RATE)
+                if args.strict:
+                    reason = message
+                else:
+                    progress.line.clear()
+                    warnings.warn(message, TruncatedAudioWarning, stacklevel=1)
             if reason is not None:
                 if args.strict:
                     flush()
                     writer.close()
-                    raise ExtractError(f"{entry.path}: {reason} (--strict)")
+                    raise ExtractError(f"{reason} (--strict)" if reason.startswith(entry.path)
+                                       else f"{entry.path}: {reason} (--strict)")
                 failures.write(json.dumps({"id": entry.id, "path": entry.path,
                                            "reason": reason}) + "\n")
                 failures.flush()
@@ -321,7 +334,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="host threads decoding and resampling audio")
     parser.add_argument("--max_duration", type=float, default=None,
                         help="use only the first S seconds of each clip")
-    parser.add_argument("--strict", action="store_true", help="stop at the first bad input")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop at the first bad input, a truncated file included")
     parser.add_argument("--compilation_cache_dir", default=None,
                         help="persistent JAX compilation cache")
     parser.add_argument("--coordinator_address", default=None, help="jax.distributed HOST:PORT")

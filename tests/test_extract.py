@@ -20,8 +20,9 @@ import pytest
 import soundfile as sf
 
 import losatok_jax
+import media
 from losatok_jax import data, extract
-from losatok_jax.audio_io import load_audio
+from losatok_jax.audio_io import load_audio, read_audio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,8 +35,9 @@ def _env(**extra) -> dict:
 
 @pytest.fixture(scope="module")
 def audio_folder(tmp_path_factory) -> Path:
-    """Varied lengths, sample rates and channel counts in wav/flac/ogg/mp3, a nested folder, one
-    corrupt file, one empty file and one too short to encode."""
+    """Varied lengths, sample rates and channel counts in wav/flac/ogg/mp3, AAC in M4A, Opus in
+    WebM (an upper-case suffix), WMA, a video with sound and a WAV cut short, a nested folder; one
+    corrupt file, one empty file, one too short to encode and a video without sound."""
     root = tmp_path_factory.mktemp("audio")
     (root / "nested").mkdir()
     rng = np.random.default_rng(0)
@@ -53,11 +55,19 @@ def audio_folder(tmp_path_factory) -> Path:
     (root / "corrupt.wav").write_bytes(b"RIFF" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)))
     (root / "empty.flac").write_bytes(b"")
     sf.write(root / "short.wav", noise(0.01, 16000), 16000)
+    media.encode(root / "g.m4a", "aac", seconds=2.0)
+    media.encode(root / "nested" / "h.WEBM", "libopus", rate=48000, seconds=2.5)
+    media.encode(root / "i.wma", "wmav2", container="asf", seconds=1.5)
+    media.encode(root / "movie.mp4", "aac", seconds=2.0, video=True)
+    whole = media.sndfile(root / "cut.wav", seconds=3.0, channels=1, rate=16000).read_bytes()
+    (root / "cut.wav").write_bytes(whole[:len(whole) // 2])
+    media.video_only(root / "silent_film.mp4")
     return root
 
 
-GOOD = ("a.wav", "c.ogg", "d.mp3", "e.wav", "nested/b.flac", "nested/f.wav")
-BAD = ("corrupt.wav", "empty.flac", "short.wav")
+GOOD = ("a.wav", "c.ogg", "cut.wav", "d.mp3", "e.wav", "g.m4a", "i.wma", "movie.mp4",
+        "nested/b.flac", "nested/f.wav", "nested/h.WEBM")
+BAD = ("corrupt.wav", "empty.flac", "short.wav", "silent_film.mp4")
 
 
 def run_extract(*args, check=True) -> subprocess.CompletedProcess:
@@ -82,7 +92,9 @@ def extracted(checkpoint, audio_folder, tmp_path_factory) -> Path:
     result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
                          "--features", "z,mu,semantic_emb", "--shard_size", "2",
                          "--batch_size", "2", "--buckets", "32,64", "--num_workers", "3")
-    assert "done: 6 clips, 3 failed" in result.stdout
+    assert "done: 11 clips, 4 failed" in result.stdout
+    [warning] = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert "cut.wav is truncated" in warning
     return out
 
 
@@ -90,7 +102,7 @@ def test_records_equal_per_file_encode(extracted, audio_folder, model):
     records = read_records(extracted)
     assert sorted(records) == sorted(GOOD)
     for clip_id, record in records.items():
-        audio = load_audio(audio_folder / clip_id)
+        audio = read_audio(audio_folder / clip_id).samples
         [expected] = losatok_jax.encode(model, [audio], features=("z", "mu", "semantic_emb"))
         assert record["path"] == str(audio_folder / clip_id)
         assert record["num_tokens"] == len(expected["z"]) == model.config.num_tokens(len(audio))
@@ -111,6 +123,11 @@ def test_index_and_failures(extracted):
     assert sorted(f["id"] for f in failures) == sorted(BAD)
     assert all(f["reason"] for f in failures)
     assert "too short" in next(f["reason"] for f in failures if f["id"] == "short.wav")
+    assert "no audio stream" in next(f["reason"] for f in failures
+                                     if f["id"] == "silent_film.mp4")
+    truncated = {row["id"]: row.get("truncated_seconds") for row in index}
+    assert truncated.pop("cut.wav") == pytest.approx(1.5, abs=0.01)
+    assert set(truncated.values()) == {None}
 
 
 def _read_shard(path: Path) -> list[bytes]:
@@ -128,7 +145,7 @@ def test_rerun_skips_completed_clips(extracted, checkpoint, audio_folder):
     result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir",
                          extracted, "--features", "z,mu,semantic_emb", "--shard_size", "2",
                          "--buckets", "32,64")
-    assert "done: 0 clips, 3 failed" in result.stdout
+    assert "done: 0 clips, 4 failed" in result.stdout
     assert sorted(p.name for p in extracted.glob("*.array_record")) == before
 
 
@@ -172,6 +189,13 @@ def test_strict_and_bad_arguments(checkpoint, audio_folder, tmp_path):
                          tmp_path / "strict", "--strict", "--buckets", "32,64", check=False)
     assert result.returncode == 2 and "--strict" in result.stderr
     assert "Traceback" not in result.stderr
+    cut_only = tmp_path / "cut.txt"
+    cut_only.write_text(f"{audio_folder / 'cut.wav'}\n")
+    result = run_extract("--model_path", checkpoint, "--input", cut_only, "--output_dir",
+                         tmp_path / "strict_cut", "--strict", "--buckets", "32,64", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"error: {audio_folder / 'cut.wav'} is "
+                                                     "truncated")
     for args, message in (((tmp_path / "missing",), "no such file"),
                           ((audio_folder / "a.wav",), "expected a folder")):
         result = run_extract("--model_path", checkpoint, "--input", *args, "--output_dir",
