@@ -43,7 +43,7 @@ def long_reconstruction(model: losatok_jax.Losatok, minutes: float) -> dict:
     start = time.perf_counter()
     [latents] = losatok_jax.encode(model, [audio], features=("z",))
     encoded = time.perf_counter()
-    [output] = losatok_jax.decode(model, [latents["z"]])
+    [output] = losatok_jax.api.decode(model, [latents["z"]])
     decoded = time.perf_counter()
     assert output.shape == (640 * len(latents["z"]),) and np.isfinite(output).all()
     seconds = len(audio) / 16000

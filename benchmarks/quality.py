@@ -32,9 +32,9 @@ def bf16_accuracy(model32, signals: dict[str, np.ndarray]) -> dict:
         f32 = losatok_jax.encode(model32, audio[None], features=("z", "semantic_emb"))
         f16 = losatok_jax.encode(model16, audio[None], features=("z", "semantic_emb"))
         cos = token_cosines(f32["z"], f16["z"])
-        audio32 = losatok_jax.decode(model32, f32["z"])[0]
-        audio16 = losatok_jax.decode(model16, f16["z"])[0]
-        decoder_only = losatok_jax.decode(model16, f32["z"])[0]
+        audio32 = losatok_jax.api.decode(model32, f32["z"])[0]
+        audio16 = losatok_jax.api.decode(model16, f16["z"])[0]
+        decoder_only = losatok_jax.api.decode(model16, f32["z"])[0]
         results[name] = {
             "seconds": len(audio) / SAMPLE_RATE,
             "z_cosine_min": float(cos.min()), "z_cosine_mean": float(cos.mean()),

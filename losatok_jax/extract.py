@@ -1,33 +1,32 @@
-"""Extract LoSATok latents for many clips into ArrayRecord shards, exactly once, at any scale.
+"""Extract LoSATok latents for many clips, exactly once, at any scale.
 
     python -m losatok_jax.extract --model_path ckpts/losatok_kl1e-2 --input data/ \
         --output_dir latents/ [--features z,mu] [--dtype bfloat16] [--compute_dtype bfloat16] \
-        [--batch_size 8]
+        [--batch_size 8] [--format arrayrecord|npy]
 
-INPUT is a folder (searched recursively for audio files) or a manifest: a `.txt` of paths, or a
-`.jsonl` of {"path": ..., "id": ...} (id optional; by default a folder's relative path, or the
-path as listed); a manifest's relative paths are relative to the manifest (`_cli.list_inputs`). Output, in OUT:
-- `latents-PPPPP-SSSSS.array_record`: shard S of process P, one record per clip
-  (`losatok_jax.data.decode_record`); each with `latents-PPPPP-SSSSS.index.jsonl` beside it;
-- `index.jsonl`: every record (id, path, shard, position, num_tokens, duration; and
+INPUT is a folder (searched recursively for audio files) or a `.txt`/`.jsonl` manifest
+(`_cli.list_inputs`). Output, in OUT (the layout and its exactly-once rules: `_shards`):
+- `--format arrayrecord` (default): shards `latents-PPPPP-SSSSS.array_record` of process P, one
+  record per clip (`losatok_jax.data.decode_record`); `--format npy`: `<id>.npy` and `<id>.json`
+  per clip, mirroring the input tree, for trainers that read folders of arrays;
+- `index.jsonl`: every clip (id, path, num_tokens, duration, where it is stored; and
   truncated_seconds for a file cut short, decoded up to where its data ends, with a warning);
+- `stats.json`: per-channel count, mean and std of every stored feature over every stored token,
+  exact whatever the kills, resumes and processes (`losatok_jax.stats`);
 - `failures.jsonl`: inputs that could not be encoded in the latest run, with the reason;
-- `extraction.json`: the settings that decide the records' values (features, storage and compute
-  dtypes, sampling and its seed). A re-run into the same OUT must use the same ones, so one
-  folder never mixes latents computed differently.
+- `extraction.json`: the settings that decide the stored values (format, features, storage and
+  compute dtypes, sampling and its seed). A re-run into the same OUT must use the same ones, so
+  one folder never mixes latents computed differently.
 
-Exactly once: a shard is written under a `.tmp` name and renamed only when complete (its index
-first), so after a kill at any moment a re-run skips every clip in a complete shard and redoes
-the rest. Multi-host: under `jax.distributed` (flags below, or auto-detected on TPU pods and
-SLURM), each process takes a deterministic, disjoint share of the sorted inputs and encodes it on
-its own devices; no process waits for another. Audio decoding runs in a pool of host threads.
+Multi-host: under `jax.distributed` (flags below, or auto-detected on TPU pods and SLURM), each
+process takes a deterministic, disjoint share of the sorted inputs and encodes it on its own
+devices; no process waits for another. Audio decoding runs in a pool of host threads.
 """
 
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import fcntl
 import json
 import os
 import sys
@@ -37,126 +36,15 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from losatok_jax import _cli
+from losatok_jax import _cli, _shards
 from losatok_jax._cli import Entry, list_inputs
+from losatok_jax._shards import ExtractError
 from losatok_jax.audio_io import TruncatedAudioWarning, truncation_message
 from losatok_jax.config import SAMPLE_RATE
-from losatok_jax.errors import LosatokError
-
-class ExtractError(LosatokError):
-    """Extraction cannot start or (with --strict) go on; the message says why."""
-
 
 def noise_id(clip_id: str) -> int:
     """A stable 31-bit key for a clip's sampling noise: independent of order and process."""
     return zlib.crc32(clip_id.encode()) & 0x7FFFFFFF
-
-
-class ShardWriter:
-    """Writes this process's records into shards of `shard_size`, each renamed when complete."""
-
-    def __init__(self, directory: Path, process: int, shard_size: int):
-        self.directory, self.process, self.shard_size = directory, process, shard_size
-        existing = [int(p.name.split("-")[2].split(".")[0])
-                    for p in directory.glob(f"latents-{process:05d}-*.array_record")]
-        self.next_shard = max(existing, default=-1) + 1
-        self._writer = None
-        self._index: list[dict] = []
-
-    def _name(self, suffix: str) -> Path:
-        return self.directory / f"latents-{self.process:05d}-{self.next_shard:05d}{suffix}"
-
-    def write(self, record: bytes, info: dict):
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        if self._writer is None:
-            self._writer = ArrayRecordWriter(str(self._name(".array_record.tmp")), "group_size:1")
-        self._writer.write(record)
-        self._index.append({**info, "shard": self._name(".array_record").name,
-                            "position": len(self._index)})
-        if len(self._index) == self.shard_size:
-            self.close()
-
-    def close(self):
-        """Completes the open shard: index first, then the shard, each by an atomic rename."""
-        if self._writer is None:
-            return
-        self._writer.close()
-        index = self._name(".index.jsonl")
-        _write_atomically(index, "".join(json.dumps(row) + "\n" for row in self._index))
-        os.replace(self._name(".array_record.tmp"), self._name(".array_record"))
-        self._writer, self._index = None, []
-        self.next_shard += 1
-
-
-def _write_atomically(path: Path, text: str):
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-SETTINGS_FILE = "extraction.json"
-
-
-def check_settings(directory: Path, settings: dict):
-    """Records `settings` on the first run into `directory`; refuses a later run (a resume, or
-    another process of a pod) whose settings differ, before anything is written."""
-    path = directory / SETTINGS_FILE
-    if not path.exists():
-        _write_atomically(path, json.dumps(settings, indent=1) + "\n")
-        return
-    earlier = json.loads(path.read_text())
-    changed = [k for k in settings if earlier.get(k) != settings[k]]
-    if changed:
-        made = " ".join(filter(None, (_as_flag(k, earlier.get(k)) for k in changed)))
-        raise ExtractError(f"{directory} holds latents extracted with {made}; re-run with the "
-                           f"same settings or choose another --output_dir")
-
-
-def _as_flag(name: str, value) -> str:
-    if isinstance(value, bool):
-        return f"--{name}" if value else f"no --{name}"
-    if value is None:
-        return ""
-    return f"--{name} {','.join(value) if isinstance(value, list) else value}"
-
-
-def clean_up(directory: Path, process: int):
-    """Drops what a killed run of this process left: unfinished shards and indexes whose shard
-    never completed. Their clips are not in any complete shard, so they are redone."""
-    for tmp in directory.glob(f"latents-{process:05d}-*.tmp"):
-        tmp.unlink()
-    for index in directory.glob(f"latents-{process:05d}-*.index.jsonl"):
-        if not index.with_name(index.name.replace(".index.jsonl", ".array_record")).exists():
-            index.unlink()
-
-
-def completed_ids(directory: Path) -> set[str]:
-    done = set()
-    for index in directory.glob("latents-*.index.jsonl"):
-        shard = index.with_name(index.name.replace(".index.jsonl", ".array_record"))
-        if shard.exists():
-            done.update(json.loads(line)["id"] for line in index.read_text().splitlines())
-    return done
-
-
-def merge_indexes(directory: Path):
-    """Rebuilds index.jsonl and failures.jsonl from every process's files, under a lock, so the
-    last process to finish leaves both complete."""
-    with open(directory / ".merge.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        rows = []
-        for index in sorted(directory.glob("latents-*.index.jsonl")):
-            if index.with_name(index.name.replace(".index.jsonl", ".array_record")).exists():
-                rows += index.read_text().splitlines(keepends=True)
-        _write_atomically(directory / "index.jsonl", "".join(rows))
-        failures = []
-        for part in sorted(directory.glob("failures-*.jsonl")):
-            failures += part.read_text().splitlines(keepends=True)
-        _write_atomically(directory / "failures.jsonl", "".join(failures))
 
 
 def _load(entry: Entry, min_samples: int, max_duration: float | None):
@@ -220,7 +108,7 @@ def _initialize_distributed(args) -> tuple[int, int]:
 def run(args) -> Progress:
     import jax
 
-    from losatok_jax import compilation, data
+    from losatok_jax import compilation
     from losatok_jax._batching import Buckets
     from losatok_jax.api import encode, load_losatok
     from losatok_jax.model import FEATURE_KEYS
@@ -234,9 +122,16 @@ def run(args) -> Progress:
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     process, processes = _initialize_distributed(args)
-    check_settings(out, {"features": list(features), "dtype": args.dtype,
-                         "compute_dtype": args.compute_dtype, "sample": args.sample,
-                         "seed": args.seed if args.sample else None})
+    if args.format == "npy" and len(features) != 1:
+        raise ExtractError(f"--format npy writes one feature per clip (<id>.npy); got --features "
+                           f"{','.join(features)}")
+    if args.format == "npy" and args.dtype == "bfloat16":
+        raise ExtractError("--format npy stores float32 or float16: .npy files have no bfloat16 "
+                           "(use the arrayrecord format for bfloat16)")
+    _shards.check_settings(out, {"format": args.format, "features": list(features),
+                                 "dtype": args.dtype, "compute_dtype": args.compute_dtype,
+                                 "sample": args.sample,
+                                 "seed": args.seed if args.sample else None})
     compilation.enable_compilation_cache(args.compilation_cache_dir)
     model = load_losatok(args.model_path, dtype=args.compute_dtype)
     runner = MeshRunner(model) if jax.local_device_count() > 1 else Runner(model)
@@ -244,12 +139,12 @@ def run(args) -> Progress:
                                         if b < args.batch_size) + (args.batch_size,),
                       num_tokens=tuple(int(t) for t in args.buckets.split(",")))
 
-    clean_up(out, process)
-    done = completed_ids(out)
+    _shards.clean_up(out, process)
+    done = _shards.completed_ids(out)
     share = [e for i, e in enumerate(entries) if i % processes == process]
     pending = [e for e in share if e.id not in done]
     progress = Progress(len(pending))
-    writer = ShardWriter(out, process, args.shard_size)
+    writer = _shards.GroupWriter(out, process, args.shard_size, args.format, args.dtype)
     failures_path = out / f"failures-{process:05d}.jsonl"
     rng = jax.random.key(args.seed)
     group_size = args.batch_size * runner.num_devices * 4
@@ -265,12 +160,10 @@ def run(args) -> Progress:
             for (entry, audio), clip in zip(group, latents):
                 duration = len(audio.samples) / SAMPLE_RATE
                 row = {"id": entry.id, "path": entry.path, "duration": duration,
-                       "num_tokens": len(clip[features[0]])}
+                       "sample_rate": SAMPLE_RATE}
                 if audio.missing_seconds:
                     row["truncated_seconds"] = round(audio.missing_seconds, 6)
-                writer.write(data.encode_record(id=entry.id, path=entry.path, duration=duration,
-                                                sample_rate=SAMPLE_RATE, features=clip,
-                                                dtype=args.dtype), row)
+                writer.write(row, clip)
                 progress.done += 1
                 progress.hours += duration / 3600
             group.clear()
@@ -301,7 +194,7 @@ def run(args) -> Progress:
                 flush()
         flush()
     writer.close()
-    merge_indexes(out)
+    _shards.merge(out)
     progress.show()
     progress.line.end()
     return progress
@@ -320,6 +213,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--features", default="z", help="comma-separated features to store")
     parser.add_argument("--dtype", default="float32", choices=tuple(STORAGE_DTYPES),
                         help="storage dtype of the features")
+    parser.add_argument("--format", default="arrayrecord", choices=_shards.FORMATS,
+                        help="arrayrecord: shards of records; npy: <id>.npy (one feature) and "
+                             "<id>.json per clip, mirroring the input tree")
     parser.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
                         help="dtype the model computes in: float32 is the exact port; bfloat16 "
                              "runs its matmuls in bf16 (fast on GPU and TPU)")

@@ -17,8 +17,8 @@ import pytest
 
 import losatok_jax
 from conftest import GOLDEN_DIR, broadband_audio, lowered_layers
-from losatok_jax import FEATURE_KEYS, _programs, decode, encode
-from losatok_jax.api import reconstruct
+from losatok_jax import FEATURE_KEYS, _programs, encode
+from losatok_jax.api import decode, reconstruct
 
 BATCH, NUM_SAMPLES = 2, 8000
 TOKENS = (1 + NUM_SAMPLES // 160) // 4  # 12

@@ -22,7 +22,7 @@ def test_buckets_are_validated(model):
     with pytest.raises(ValueError, match="increasing"):
         Buckets(batch_sizes=(4, 2))
     with pytest.raises(ValueError, match="decoder halo"):
-        losatok_jax.decode(model, [np.zeros((30, 16), np.float32)],
+        losatok_jax.api.decode(model, [np.zeros((30, 16), np.float32)],
                            buckets=Buckets(num_tokens=(10,)))
 
 

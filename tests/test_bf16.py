@@ -54,8 +54,8 @@ def test_bfloat16_outputs_are_float32_and_close(model, model16, signals):
         assert cos.min() >= 0.999, (name, cos.min())
         rel = np.linalg.norm(f16["z"] - f32["z"]) / np.linalg.norm(f32["z"])
         assert rel < 0.02, (name, rel)
-        audio32 = losatok_jax.decode(model, f32["z"])[0]
-        audio16 = losatok_jax.decode(model16, f16["z"])[0]
+        audio32 = losatok_jax.api.decode(model, f32["z"])[0]
+        audio16 = losatok_jax.api.decode(model16, f16["z"])[0]
         assert audio16.dtype == np.float32
         assert log_spectral_distance(audio32, audio16) < 1.0, name
 

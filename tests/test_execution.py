@@ -72,7 +72,7 @@ def test_streaming_encode_and_decode_equal_whole(model, num_samples):
 
     z = expected["z"]
     whole_audio = np.asarray(_whole_decode(model, z[None]))[0]
-    [streamed_audio] = losatok_jax.decode(model, [z], buckets=SMALL)
+    [streamed_audio] = losatok_jax.api.decode(model, [z], buckets=SMALL)
     assert streamed_audio.shape == (640 * len(z),)
     assert np.max(np.abs(streamed_audio - whole_audio)) <= AUDIO_TOL
 
@@ -96,9 +96,9 @@ def test_batch_members_equal_alone(model, lengths, seed):
     solo = [losatok_jax.encode(model, [clip], buckets=SMALL)[0] for clip in clips]
     for got, expected in zip(batched, solo):
         assert_features_close(got, expected)
-    audio = losatok_jax.decode(model, [f["z"] for f in batched], buckets=SMALL)
+    audio = losatok_jax.api.decode(model, [f["z"] for f in batched], buckets=SMALL)
     for clip_audio, f in zip(audio, solo):
-        [expected_audio] = losatok_jax.decode(model, [f["z"]], buckets=SMALL)
+        [expected_audio] = losatok_jax.api.decode(model, [f["z"]], buckets=SMALL)
         assert np.max(np.abs(clip_audio - expected_audio)) <= AUDIO_TOL
 
 
@@ -110,7 +110,7 @@ def test_bucket_padding_equals_alone(model, num_samples):
     got = losatok_jax.encode(model, [partner, clip], buckets=SMALL)[1]
     assert_features_close(got, alone(model, clip))
     z = got["z"]
-    [audio] = losatok_jax.decode(model, [np.zeros((37, z.shape[1]), np.float32) + 0.3, z],
+    [audio] = losatok_jax.api.decode(model, [np.zeros((37, z.shape[1]), np.float32) + 0.3, z],
                                  buckets=SMALL)[1:]
     whole_audio = np.asarray(_whole_decode(model, z[None]))[0]
     assert np.max(np.abs(audio - whole_audio)) <= AUDIO_TOL
@@ -122,7 +122,7 @@ def test_arrays_and_lists_agree(model):
     as_list = losatok_jax.encode(model, list(batch), buckets=SMALL)
     for key in FEATURE_KEYS:
         np.testing.assert_array_equal(as_array[key], np.stack([f[key] for f in as_list]))
-    audio = losatok_jax.decode(model, as_array["z"], buckets=SMALL)
+    audio = losatok_jax.api.decode(model, as_array["z"], buckets=SMALL)
     assert audio.shape == (3, 640 * as_array["z"].shape[1])
 
 
@@ -152,7 +152,7 @@ def test_list_inputs_are_validated(model):
     with pytest.raises(ValueError, match="no clips"):
         losatok_jax.encode(model, [])
     with pytest.raises(ValueError, match=r"latents 0 must be shaped \(T, 16\)"):
-        losatok_jax.decode(model, [np.zeros(16, np.float32)])
+        losatok_jax.api.decode(model, [np.zeros(16, np.float32)])
 
 
 class _CompileCounter(logging.Handler):
@@ -183,7 +183,7 @@ def test_no_compilation_after_warmup(model):
             lengths = rng.uniform(0.5, 60.0, size=rng.integers(1, 7)) * 16000
             clips = [clip_of(int(n), seed=int(n)) for n in lengths]
             latents = losatok_jax.encode(model, clips, buckets=buckets, features=("z",))
-            losatok_jax.decode(model, [f["z"] for f in latents], buckets=buckets)
+            losatok_jax.api.decode(model, [f["z"] for f in latents], buckets=buckets)
     finally:
         jax.config.update("jax_log_compiles", previous)
         logger.removeHandler(counter)
@@ -207,7 +207,7 @@ def test_packed_decode_rows_equal_each_clip_alone(model):
     rows = _batching.decode_rows(c, SMALL, [len(z) for z in latents])
     shared = [row.pieces for row in rows if len(row.pieces) > 1]
     assert len(shared) == 2 and any(p.source > 0 for row in shared for p, _ in row)
-    for z, audio in zip(latents, losatok_jax.decode(model, latents, buckets=SMALL)):
+    for z, audio in zip(latents, losatok_jax.api.decode(model, latents, buckets=SMALL)):
         whole_audio = np.asarray(_whole_decode(model, z[None]))[0]
         assert np.max(np.abs(audio - whole_audio)) <= AUDIO_TOL
 
@@ -218,5 +218,5 @@ def test_decode_gap_is_needed(model, monkeypatch):
     monkeypatch.setattr(_batching, "decoder_gap", lambda config: gap - 1)
     latents = packed_latents(model)
     errors = [np.max(np.abs(audio - np.asarray(_whole_decode(model, z[None]))[0]))
-              for z, audio in zip(latents, losatok_jax.decode(model, latents, buckets=SMALL))]
+              for z, audio in zip(latents, losatok_jax.api.decode(model, latents, buckets=SMALL))]
     assert max(errors) > 100 * AUDIO_TOL

@@ -21,7 +21,7 @@ import soundfile as sf
 
 import losatok_jax
 import media
-from losatok_jax import data, extract
+from losatok_jax import data
 from losatok_jax.audio_io import load_audio, read_audio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -78,6 +78,16 @@ def run_extract(*args, check=True) -> subprocess.CompletedProcess:
     return result
 
 
+def assert_stats_are_the_records(directory: Path, records: dict[str, dict]) -> None:
+    """stats.json equals NumPy float64 statistics over every stored token of every record."""
+    written = json.loads((directory / "stats.json").read_text())
+    for feature, summary in written.items():
+        values = np.concatenate([np.asarray(r[feature], np.float64) for r in records.values()])
+        assert summary["count"] == len(values)
+        np.testing.assert_allclose(summary["mean"], values.mean(axis=0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(summary["std"], values.std(axis=0), rtol=1e-6)
+
+
 def read_records(directory: Path) -> dict[str, dict]:
     source = data.LatentDataSource(directory)
     records = [source[i] for i in range(len(source))]
@@ -111,6 +121,12 @@ def test_records_equal_per_file_encode(extracted, audio_folder, model):
         for key in ("z", "mu", "semantic_emb"):
             assert record[key].dtype == np.float32
             np.testing.assert_allclose(record[key], expected[key], rtol=0, atol=1e-5)
+
+
+def test_stats_are_exact_over_the_records(extracted):
+    records = read_records(extracted)
+    assert set(json.loads((extracted / "stats.json").read_text())) == {"z", "mu", "semantic_emb"}
+    assert_stats_are_the_records(extracted, records)
 
 
 def test_index_and_failures(extracted):
@@ -182,6 +198,7 @@ def test_storage_dtype_and_manifest(checkpoint, audio_folder, tmp_path, model):
     assert records["clip-0"]["z"].dtype.name == "bfloat16"
     np.testing.assert_allclose(records["clip-0"]["z"].astype(np.float32), expected["z"],
                                rtol=1e-2, atol=1e-2)
+    assert_stats_are_the_records(tmp_path / "out", records)  # of the bfloat16 values as stored
 
 
 def test_strict_and_bad_arguments(checkpoint, audio_folder, tmp_path):
@@ -204,8 +221,10 @@ def test_strict_and_bad_arguments(checkpoint, audio_folder, tmp_path):
         assert "Traceback" not in result.stderr
 
 
-def test_kill_and_resume_is_exactly_once(checkpoint, tmp_path, model):
-    """SIGKILL after the first complete shard, then a re-run: every clip exactly once."""
+@pytest.mark.parametrize("format", ["arrayrecord", "npy"])
+def test_kill_and_resume_is_exactly_once(checkpoint, tmp_path, model, format):
+    """SIGKILL after the first complete group, then a re-run: every clip exactly once, and the
+    statistics are those of the records present."""
     folder = tmp_path / "many"
     folder.mkdir()
     rng = np.random.default_rng(3)
@@ -215,15 +234,15 @@ def test_kill_and_resume_is_exactly_once(checkpoint, tmp_path, model):
     out = tmp_path / "out"
     args = [sys.executable, "-m", "losatok_jax.extract", "--model_path", str(checkpoint),
             "--input", str(folder), "--output_dir", str(out), "--shard_size", "2",
-            "--batch_size", "1", "--buckets", "64", "--num_workers", "1"]
+            "--batch_size", "1", "--buckets", "64", "--num_workers", "1", "--format", format]
     process = subprocess.Popen(args, env=_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL)
     deadline = time.time() + 180
-    while not list(out.glob("latents-*.array_record")) and time.time() < deadline:
+    while not list(out.glob("latents-*.index.jsonl")) and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    complete_before = len(list(out.glob("latents-*.array_record")))
+    complete_before = len(list(out.glob("latents-*.index.jsonl")))
     assert 1 <= complete_before < 20, "the kill should land mid-run"
 
     result = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=REPO_ROOT,
@@ -235,6 +254,10 @@ def test_kill_and_resume_is_exactly_once(checkpoint, tmp_path, model):
     sample = records["clip05.wav"]
     [expected] = losatok_jax.encode(model, [load_audio(folder / "clip05.wav")], features=("z",))
     np.testing.assert_allclose(sample["z"], expected["z"], rtol=0, atol=1e-5)
+    assert_stats_are_the_records(out, records)
+    if format == "npy":
+        assert sorted(p.name for p in out.glob("clip*.npy")) == sorted(f"{i}.npy" for i in records)
+        assert json.loads((out / "clip05.wav.json").read_text())["num_tokens"] == len(sample["z"])
 
 
 def _free_port() -> int:
@@ -268,26 +291,4 @@ def test_two_processes_equal_one(checkpoint, audio_folder, tmp_path):
         np.testing.assert_allclose(two[clip_id]["z"], one[clip_id]["z"], rtol=0, atol=1e-5)
     index = (out / "index.jsonl").read_text().splitlines()
     assert sorted(json.loads(line)["id"] for line in index) == sorted(GOOD)
-
-
-
-
-def test_record_round_trip():
-    features = {"z": np.arange(12, dtype=np.float32).reshape(3, 4)}
-    for dtype in ("float32", "bfloat16", "float16"):
-        record = data.decode_record(data.encode_record(id="x", path="p", duration=0.12,
-                                                       sample_rate=16000, features=features,
-                                                       dtype=dtype))
-        assert (record["id"], record["path"], record["num_tokens"]) == ("x", "p", 3)
-        assert record["z"].dtype.name == dtype
-        np.testing.assert_array_equal(record["z"].astype(np.float32), features["z"])
-
-
-def test_settings_guard_names_the_earlier_flags(tmp_path):
-    first = {"features": ["z"], "dtype": "float32", "compute_dtype": "float32", "sample": False,
-             "seed": None}
-    extract.check_settings(tmp_path, first)
-    extract.check_settings(tmp_path, dict(first))  # a resume with the same settings goes on
-    with pytest.raises(extract.ExtractError, match="extracted with no --sample; re-run"):
-        extract.check_settings(tmp_path, {**first, "sample": True, "seed": 3})
-    assert json.loads((tmp_path / extract.SETTINGS_FILE).read_text()) == first
+    assert_stats_are_the_records(out, two)

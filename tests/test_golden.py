@@ -36,8 +36,8 @@ def _port_outputs(model: losatok_jax.Losatok, golden: dict) -> dict[str, np.ndar
         semantic_logmel=semantic_logmel,
         acoustic_logmel=acoustic_logmel,
         semantic_encoder_out=features["semantic_emb"],  # T is the same for both branches here
-        recon_audio=losatok_jax.decode(model, golden["mu"]),
-        decode_z_random=losatok_jax.decode(model, golden["z_random"]),
+        recon_audio=losatok_jax.api.decode(model, golden["mu"]),
+        decode_z_random=losatok_jax.api.decode(model, golden["z_random"]),
         sembo_recon=model.apply(golden["semantic_emb"], method="sembo_recon"),
     )
     return {name: np.asarray(value) for name, value in outputs.items()}

@@ -34,7 +34,7 @@ def _on_gpu(model):
 def _max_errors(model, golden) -> dict[str, float]:
     features = losatok_jax.encode(model, golden["audio"])
     errors = {key: float(np.abs(features[key] - golden[key]).max()) for key in CHECKED}
-    audio = losatok_jax.decode(model, golden["mu"])
+    audio = losatok_jax.api.decode(model, golden["mu"])
     errors["recon_audio"] = float(np.abs(audio - golden["recon_audio"]).max())
     return errors
 

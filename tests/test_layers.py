@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import losatok_jax
-from losatok_jax import decode
+from losatok_jax.api import decode
 from losatok_jax._layers import (ConvNeXtBlock, TransformerBlock, gelu, heads_major_attention,
                                  in_row_blocks)
 from losatok_jax.runners import CPU_MATMUL_ROWS

@@ -129,7 +129,7 @@ def test_port_matches_oracle(name, random_model, worst_errors):
     semantic_logmel, acoustic_logmel = losatok_jax.log_mels(model, audio)
     ours = {**features, "semantic_logmel": np.asarray(semantic_logmel),
             "acoustic_logmel": np.asarray(acoustic_logmel),
-            "decoded_audio": np.asarray(losatok_jax.decode(model, features["z"],
+            "decoded_audio": np.asarray(losatok_jax.api.decode(model, features["z"],
                                                            buckets=case.buckets))}
     reference = oracle.encode(audio)
     # Both decoders get the port's z, so the audio comparison isolates the decoder.

@@ -18,7 +18,7 @@ def python_blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
 
 
-def test_grain_pipeline_example_runs(golden_checkpoint, tmp_path):
+def test_training_example_runs(golden_checkpoint, tmp_path):
     folder = tmp_path / "audio"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -28,12 +28,27 @@ def test_grain_pipeline_example_runs(golden_checkpoint, tmp_path):
                          str(folder), "--output_dir", str(tmp_path / "latents"),
                          "--buckets", "32,64,128", "--num_workers", "2"]) == 0
 
-    [block] = [b for b in python_blocks() if "LatentDataSource(LATENT_DIR)" in b]
+    [block] = [b for b in python_blocks() if "latent_dataset(LATENT_DIR" in b]
     namespace = {"LATENT_DIR": str(tmp_path / "latents")}
-    exec(compile(block, "<README.md grain example>", "exec"), namespace)
+    exec(compile(block, "<README.md training example>", "exec"), namespace)
     assert np.isfinite(float(namespace["loss"]))
     assert namespace["batch"]["z"].shape == (4, namespace["TOKENS"], 16)
     assert namespace["batch"]["mask"].dtype == bool
+    assert namespace["packed"]["segment_ids"].shape == (4, namespace["TOKENS"])
+    assert namespace["generated"].shape == (namespace["TOKENS"], 16)
+
+
+def test_python_api_example_runs(golden_checkpoint):
+    """The API block, on the tiny golden checkpoint and the bundled speech file."""
+    [block] = [b for b in python_blocks() if "load_losatok(" in b]
+    block = block.replace('"ckpts/losatok_kl1e-2"', repr(str(golden_checkpoint("tiny_chunk40"))))
+    block = block.replace('"speech.flac"', repr(str(README.parent / "examples" / "speech.wav")))
+    namespace = {}
+    exec(compile(block, "<README.md API example>", "exec"), namespace)
+    tokens = namespace["features"]["z"].shape[1]
+    assert namespace["recon"].shape == (1, 640 * tokens)
+    assert [len(w) for w in namespace["waves"]] == [640 * len(f["z"])
+                                                    for f in namespace["per_clip"]]
 
 
 def test_readme_performance_table_is_its_results_file():

@@ -16,7 +16,8 @@ import pytest
 from conftest import broadband_audio, lowered_layers
 
 import losatok_jax
-from losatok_jax import FEATURE_KEYS, decode, encode
+from losatok_jax import FEATURE_KEYS, encode
+from losatok_jax.api import decode
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,11 +102,11 @@ PARALLEL_SCRIPT = textwrap.dedent("""
              for n in rng.uniform(600, 16000 * 6, 13)]
     key = jax.random.key(3)
     ref = losatok_jax.encode(model, clips, buckets=buckets, sample=True, rng=key)
-    ref_audio = losatok_jax.decode(model, [f["z"] for f in ref], buckets=buckets)
+    ref_audio = losatok_jax.api.decode(model, [f["z"] for f in ref], buckets=buckets)
     for runner in (PmapRunner(model), MeshRunner(model)):
         assert runner.num_devices == 8
         out = losatok_jax.encode(model, clips, buckets=buckets, sample=True, rng=key, runner=runner)
-        audio = losatok_jax.decode(model, [f["z"] for f in out], buckets=buckets, runner=runner)
+        audio = losatok_jax.api.decode(model, [f["z"] for f in out], buckets=buckets, runner=runner)
         feature_error = max(np.abs(a[k] - b[k]).max() for a, b in zip(ref, out) for k in a)
         audio_error = max(np.abs(a - b).max() for a, b in zip(ref_audio, audio))
         print(type(runner).__name__, feature_error, audio_error)
