@@ -231,8 +231,8 @@ def _read_ffmpeg(path: Path, sample_rate: int, max_duration: float | None,
                                              f"({out.file_rate} -> {frame.sample_rate} Hz)")
                     if exact and frame.time is not None:
                         start = frame.time if start is None else start
-                        decoded = (out.frames_in + sum(len(p) for p in pending)) / out.file_rate
-                        _check_continuous(path, frame.time - start, decoded)
+                        _check_continuous(path, frame.time - start,
+                                          (out.frames_in + pending_frames) / out.file_rate)
                     pending.append(_frame_samples(frame))
                     pending_frames += frame.samples
                 if pending_frames >= _BLOCK_FRAMES:  # frames are small: work on blocks
