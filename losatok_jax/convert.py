@@ -11,16 +11,14 @@ checkpoint folder (safetensors shards with `audio_encoder.*` keys); its tensors 
 checkpoint's `semantic_encoder.*` ones. Every size the tensors determine is cross-checked against
 the config, stored buffers against our own windows and filterbanks, and every key against the model:
 any disagreement exits with status 2 and a message naming the keys. Nothing is written unless the
-whole conversion succeeds. Tensors are read memory-mapped and written a group at a time, so
-memory stays well below the checkpoint's size plus the model's.
+whole conversion succeeds. Tensors are read memory-mapped, without torch (`_torch_format`), and
+written a group at a time, so memory stays a little above the checkpoint's size.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
-import mmap
 import shutil
 import sys
 from pathlib import Path
@@ -29,70 +27,39 @@ from typing import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from losatok_jax import _cli, _key_mapping, checkpoint
+from losatok_jax import _cli, _key_mapping, _torch_format, checkpoint
 from losatok_jax.config import RELEASED_CONFIG, LosatokConfig, from_upstream_yaml
 from losatok_jax.errors import LosatokError
-
-INSTALL_TORCH = 'pip install "losatok-jax[convert]"'
-
 
 class ConversionError(LosatokError):
     """Conversion cannot go on; the message says why and names the keys involved."""
 
 
-def _torch():
-    """torch, imported only when a conversion runs: the rest of the package never needs it."""
-    try:
-        import torch
-    except ImportError:
-        raise ConversionError(f"converting a PyTorch checkpoint needs torch: {INSTALL_TORCH}") from None
-    return torch
-
-
 def _to_numpy(tensor) -> np.ndarray:
-    torch = _torch()
-    if not isinstance(tensor, torch.Tensor):
+    """A tensor's values as numpy: float32 as mapped (no copy), other floats cast to float32."""
+    array = tensor.numpy() if isinstance(tensor, _torch_format.MappedTensor) else tensor
+    if not isinstance(array, np.ndarray):
         raise ConversionError(f"expected tensors, found {type(tensor).__name__}")
-    tensor = tensor.detach()
-    if tensor.dtype == torch.float32 or not tensor.dtype.is_floating_point:
-        return tensor.numpy()
-    return tensor.float().numpy()  # bf16/fp16 checkpoints: numpy has no bfloat16
-
-
-_MADV_DONTNEED = 4
-_PAGE = mmap.PAGESIZE
-
-
-def _release(tensor) -> None:
-    """Drops the resident pages of a memory-mapped tensor that has been read: the mapping is a
-    clean private file mapping, so a later read would fetch them from the file again. This keeps
-    the converter's memory at about one group of tensors instead of the whole checkpoint."""
-    storage = tensor.untyped_storage()
-    start = -(-storage.data_ptr() // _PAGE) * _PAGE
-    end = (storage.data_ptr() + storage.nbytes()) // _PAGE * _PAGE
-    if end > start and _LIBC is not None:
-        _LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+    if array.dtype == np.float32 or array.dtype.kind not in "fV":
+        return array
+    return array.astype(np.float32)  # bf16/fp16 checkpoints
 
 
 def read_torch_state(path: str | Path) -> dict:
     """A bare or {"state_dict": ...} checkpoint's tensors, memory-mapped: nothing is read until
-    a tensor is used."""
-    torch = _torch()
+    a tensor is used (`_torch_format`; no torch needed)."""
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        loaded = _torch_format.Checkpoint(path).load()
     except FileNotFoundError:
         raise ConversionError(f"{path}: no such file") from None
-    except Exception as e:  # truncated or foreign files raise assorted pickle/zip errors
+    except Exception as e:  # our reader's own errors, or pickle/zip errors of a damaged file
         raise ConversionError(f"{path}: not a readable PyTorch checkpoint ({e})") from None
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):
         raise ConversionError(f"{path}: expected a state dict, found {type(loaded).__name__}")
     for key, value in loaded.items():
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, _torch_format.MappedTensor):
             raise ConversionError(f"{path}: {key} is a {type(value).__name__}, not a tensor")
     return dict(loaded)
 
@@ -120,7 +87,7 @@ def _read_midashenglm_folder(path: Path) -> dict[str, np.ndarray]:
     state = {}
     for shard in shards:
         try:
-            with safe_open(str(shard), framework="pt") as f:
+            with safe_open(str(shard), framework="numpy") as f:
                 for key in f.keys():
                     # The encoder's own mel front end holds only recomputable buffers.
                     if key.startswith("audio_encoder.") and ".front_end." not in key:
@@ -182,8 +149,9 @@ def _build(leaf: _key_mapping.Leaf, state: Mapping) -> np.ndarray:
 
     array = leaf.build(read)
     for key in leaf.sources:
-        if array.base is None:  # a copy: the mapped source is no longer needed
-            _release(state[key])
+        # A copy (stacked or cast) no longer needs the mapped source: drop its pages.
+        if array.base is None and isinstance(state[key], _torch_format.MappedTensor):
+            state[key].release()
     return array
 
 

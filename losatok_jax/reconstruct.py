@@ -4,8 +4,8 @@
         --model_path ckpts/losatok_kl1e-2 [--save_features features.npz]
 
 The flags are upstream's, so upstream's own command line works as written: `--model_path` may be
-a converted checkpoint folder or upstream's `.pth` (converted once, into `<name>.orbax/` beside it,
-when torch is installed), `--device cuda` means the GPU, and `--save_features` writes `.npz`, or
+a converted checkpoint folder or upstream's `.pth` (converted once, into `<name>.orbax/` beside it;
+no torch needed), `--device cuda` means the GPU, and `--save_features` writes `.npz`, or
 `.pt` for torch users. Without --model_path the model is randomly initialised from --config_path
 (the released config by default; a warning says so), as upstream does. The output is a 16 kHz
 32-bit float WAV. Long files stream through fixed windows, so memory stays bounded whatever the
@@ -25,7 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from losatok_jax import _cli, audio_io, compilation
+from losatok_jax import _cli, _torch_format, audio_io, compilation
 from losatok_jax.api import as_audio_batch, load_losatok, reconstruct
 from losatok_jax.config import RELEASED_CONFIG, SAMPLE_RATE, ConfigError
 from losatok_jax.errors import LosatokError
@@ -91,41 +91,27 @@ def _parser() -> argparse.ArgumentParser:
                         help="use only the first S seconds of the input")
     parser.add_argument("--save_features", default=None, metavar="F.npz|F.pt",
                         help="also write the nine encoder features, each (1, T, dim): .npz "
-                             "(numpy), or .pt (a dict of torch tensors; needs torch)")
+                             "(numpy), or .pt (a dict of tensors for torch.load)")
     parser.add_argument("--compilation_cache_dir", default=None, metavar="DIR",
                         help="persistent JAX compilation cache (default: "
                              f"${compilation.CACHE_DIR_ENV} if set)")
     return parser
 
 
-def _torch_for_features(path: str):
-    """torch, for writing `.pt` features; checked before any slow work."""
-    try:
-        import torch
-    except ImportError:
-        raise audio_io.AudioWriteError(
-            f"cannot write {path}: .pt features need torch (pip install torch), or name an "
-            ".npz file") from None
-    return torch
-
-
 def _check_features_path(path: str) -> None:
     if Path(path).suffix.lower() not in FEATURE_FORMATS:
         raise audio_io.AudioWriteError(f"cannot write {path}: --save_features takes a .npz or a "
                                        ".pt file name")
-    if Path(path).suffix.lower() == ".pt":
-        _torch_for_features(path)
     audio_io.check_writable(path)
 
 
 def _save_features(path: str, features: dict[str, np.ndarray]) -> None:
+    arrays = {key: np.asarray(value) for key, value in features.items()}
     with audio_io.atomic_write(path) as f:
         if Path(path).suffix.lower() == ".pt":
-            torch = _torch_for_features(path)
-            torch.save({key: torch.from_numpy(np.asarray(value)) for key, value in
-                        features.items()}, f)
+            _torch_format.save(f, arrays)  # what torch.load reads; torch is not needed here
         else:
-            np.savez(f, **{key: np.asarray(value) for key, value in features.items()})
+            np.savez(f, **arrays)
 
 
 def _source_stamp(pth: Path) -> dict:
@@ -153,15 +139,6 @@ def converted_checkpoint(pth: Path, config_path: str | None) -> Path:
     from losatok_jax import convert
 
     folder = beside if _can_create(beside) else cached
-    command = (f"python -m losatok_jax.convert --model_path {pth} --output_dir {folder}"
-               + (f" --config_path {config_path}" if config_path else ""))
-    try:
-        convert._torch()
-    except convert.ConversionError:
-        raise LosatokError(f"--model_path {pth} is an upstream PyTorch checkpoint; it is "
-                           f"converted once with torch, which is not installed: "
-                           f"{convert.INSTALL_TORCH}, or convert it elsewhere with: {command}") \
-            from None
     convert.convert(config_path or RELEASED_CONFIG, pth, folder)
     (folder / SOURCE_FILE).write_text(json.dumps(stamp) + "\n")
     print(f"converted {pth} into {folder}; later runs reuse it")

@@ -112,18 +112,24 @@ def test_upstream_command_line_as_written(cli, speech_run, expected, tmp_path):
     assert status == 2 and "was converted from another version" in stderr
 
 
-def test_upstream_formats_without_torch_name_what_to_run(cli, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` fails as if not installed
+def test_upstream_formats_need_no_torch(cli, speech_run, tmp_path, monkeypatch):
+    """The runtime package reads and writes torch's format itself: with torch unimportable the
+    .pth converts and the .pt features are written, and torch reads them afterwards."""
+    torch = pytest.importorskip("torch")
     pth = _copy(TINY_CONFIG.parent / "losatok.pth", tmp_path)
-    status, _, stderr = run_cli(cli, "--input_path", SPEECH, "--output_path", tmp_path / "r.wav",
-                                "--model_path", pth)
-    assert status == 2 and len(stderr.splitlines()) == 1
-    assert (f"python -m losatok_jax.convert --model_path {pth} --output_dir "
-            f"{tmp_path / 'losatok.orbax'}") in stderr
-    assert not (tmp_path / "losatok.orbax").exists()
-    status, _, stderr = run_cli(cli, "--input_path", SPEECH, "--output_path", tmp_path / "r.wav",
-                                "--save_features", tmp_path / "f.pt")
-    assert status == 2 and ".pt features need torch" in stderr
+    with monkeypatch.context() as hidden:
+        hidden.setitem(sys.modules, "torch", None)  # `import torch` fails as if not installed
+        status, _, stderr = run_cli(cli, "--config_path", TINY_CONFIG, "--model_path", pth,
+                                    "--input_path", SPEECH, "--output_path", tmp_path / "r.wav",
+                                    "--save_features", tmp_path / "f.pt")
+    assert status == 0, stderr
+    np.testing.assert_array_equal(sf.read(tmp_path / "r.wav")[0],
+                                  sf.read(speech_run[3] / "recon.wav")[0])
+    with np.load(speech_run[3] / "features.npz") as saved:
+        features = torch.load(tmp_path / "f.pt")
+        assert sorted(features) == sorted(saved.files)
+        for key in saved.files:
+            np.testing.assert_array_equal(features[key].numpy(), saved[key])
 
 
 def test_device_cuda_means_the_gpu(cli, tmp_path):
