@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from losatok_jax.audio_io import AUDIO_SUFFIXES
-from losatok_jax.errors import LosatokError
+from losatok_jax.errors import LosatokError, one_line
 
 EXIT_BAD_INPUT = 2
 
@@ -87,10 +87,6 @@ def _manifest_rows(manifest: Path) -> list[tuple[str, str]]:
             raise InputError(f"{manifest}:{number}: expected a JSON object with a "
                              "\"path\"") from None
     return rows
-
-
-def one_line(text) -> str:
-    return " ".join(str(text).split())
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None):

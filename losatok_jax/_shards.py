@@ -24,6 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from losatok_jax import data, stats
+from losatok_jax.audio_io import atomic_write
 from losatok_jax.errors import LosatokError
 
 FORMATS = ("arrayrecord", "npy")
@@ -35,12 +36,8 @@ class ExtractError(LosatokError):
 
 
 def write_atomically(path: Path, payload: str | bytes) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         f.write(payload.encode() if isinstance(payload, str) else payload)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def npy_name(clip_id: str) -> str:
@@ -152,8 +149,9 @@ def _as_flag(name: str, value) -> str:
 def clean_up(directory: Path, process: int) -> None:
     """Drops what a killed run of this process left: temporary files, and the shards and moments
     of groups whose index was never written. Their clips are redone."""
-    for tmp in directory.glob(f"latents-{process:05d}-*.tmp"):
-        tmp.unlink()
+    for pattern in (f"latents-{process:05d}-*.tmp", f".latents-{process:05d}-*.tmp"):
+        for tmp in directory.glob(pattern):
+            tmp.unlink()
     for suffix in (".array_record", ".stats.json"):
         for part in directory.glob(f"latents-{process:05d}-*{suffix}"):
             if not part.with_name(part.name.replace(suffix, ".index.jsonl")).exists():

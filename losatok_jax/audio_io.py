@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 import soundfile as sf
 
-from losatok_jax.errors import LosatokError
+from losatok_jax.errors import LosatokError, one_line
 
 # Suffixes (matched in any case) of the files that folder inputs pick up: what libsndfile reads,
 # and what FFmpeg treats as audio or as a container that may hold audio (video files included:
@@ -51,12 +51,8 @@ class AudioWriteError(LosatokError):
     """An output file (audio, or another output of the same run) that cannot be written."""
 
 
-def _one_line(text) -> str:
-    return " ".join(str(text).split())
-
-
 def _libsndfile_message(error: Exception) -> str:
-    return _one_line(getattr(error, "error_string", error))
+    return one_line(getattr(error, "error_string", error))
 
 
 def _wav_missing_bytes(path: Path) -> int:
@@ -197,7 +193,7 @@ def _read_ffmpeg(path: Path, sample_rate: int, max_duration: float | None,
     try:
         container = av.open(str(path), metadata_errors="ignore")
     except (av.FFmpegError, ValueError, OSError) as e:
-        reason = _one_line(getattr(e, "strerror", None) or e)
+        reason = one_line(getattr(e, "strerror", None) or e)
         raise AudioReadError(f"{path} is not a readable audio file ({reason}; libsndfile: "
                              f"{sndfile_error})") from None
     file_size = path.stat().st_size
@@ -221,7 +217,7 @@ def _read_ffmpeg(path: Path, sample_rate: int, max_duration: float | None,
                             and packet.pos + packet.size >= file_size:
                         cut = True
                         break
-                    raise AudioReadError(f"{path} is damaged: {_one_line(e)}") from None
+                    raise AudioReadError(f"{path} is damaged: {one_line(e)}") from None
                 for frame in frames:
                     if out is None:
                         out = _MonoResampler(path, frame.sample_rate, sample_rate, max_duration,
@@ -241,7 +237,7 @@ def _read_ffmpeg(path: Path, sample_rate: int, max_duration: float | None,
                     if out.full:
                         break
         except av.FFmpegError as e:  # demuxing
-            raise AudioReadError(f"{path} is damaged: {_one_line(e)}") from None
+            raise AudioReadError(f"{path} is damaged: {one_line(e)}") from None
     if pending:
         out.add(np.concatenate(pending))
     if out is None:

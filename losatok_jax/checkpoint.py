@@ -39,16 +39,9 @@ def abstract_params(config: LosatokConfig):
 
 
 def save(path: str | os.PathLike, model: Losatok) -> None:
-    """Writes `model` to a new directory `path` (refuses to overwrite an existing checkpoint)."""
-    path = Path(path).absolute()
-    if (path / PARAMS_DIR).exists():
-        raise CheckpointError(f"{path} already holds a checkpoint; choose a new directory")
-    path.mkdir(parents=True, exist_ok=True)
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / PARAMS_DIR, model.params)
-    checkpointer.wait_until_finished()
-    # The config is written last: a directory with config.json is a complete checkpoint.
-    (path / CONFIG_FILE).write_text(model.config.to_json())
+    """Writes `model` to a new directory `path` (refuses to overwrite an existing checkpoint):
+    `save_in_groups` with the whole tree as one group."""
+    save_in_groups(path, model.config, [flatten_dict(model.params)])
 
 
 def save_in_groups(path: str | os.PathLike, config: LosatokConfig,
@@ -57,8 +50,8 @@ def save_in_groups(path: str | os.PathLike, config: LosatokConfig,
     groups disjoint and together the whole tree), holding one group in memory, not the model.
 
     Each group is an Orbax partial save into a scratch folder beside `path`; the finished tree is
-    then moved into place as `params/`, the same layout `save` writes, and config.json is
-    written last.
+    then moved into place as `params/` (the layout `load` restores with Orbax's standard
+    checkpointer), and config.json is written last: a directory with it is complete.
     """
     from orbax.checkpoint import v1 as ocp_v1
 

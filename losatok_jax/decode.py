@@ -25,7 +25,7 @@ import numpy as np
 from losatok_jax import _cli, audio_io, compilation, data
 from losatok_jax._shards import npy_name
 from losatok_jax.config import SAMPLE_RATE
-from losatok_jax.errors import LosatokError
+from losatok_jax.errors import LosatokError, one_line
 
 LATENT_SUFFIXES = (".npy", ".npz")
 
@@ -61,7 +61,7 @@ def _from_file(path: Path, stem: str) -> list[Latents]:
     except LatentInputError:
         raise
     except (OSError, ValueError) as e:
-        raise LatentInputError(f"cannot read {path}: {_cli.one_line(e)}") from None
+        raise LatentInputError(f"cannot read {path}: {one_line(e)}") from None
     if len(shape) == 2:
         return [Latents(stem, str(path), array)]
     if len(shape) == 3:

@@ -5,6 +5,11 @@ Command-line tools print such an error as one `error:` line and exit with status
 """
 
 
+def one_line(text) -> str:
+    """A message on one line (whitespace runs, newlines included, become one space)."""
+    return " ".join(str(text).split())
+
+
 class LosatokError(ValueError):
     """Input that cannot be used: a file, an option, a checkpoint or a config; the message says
     what and why, on one line."""

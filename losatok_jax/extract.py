@@ -39,7 +39,8 @@ from typing import Iterator
 from losatok_jax import _cli, _shards
 from losatok_jax._cli import Entry, list_inputs
 from losatok_jax._shards import ExtractError
-from losatok_jax.audio_io import TruncatedAudioWarning, truncation_message
+from losatok_jax.audio_io import (AudioReadError, TruncatedAudioWarning, read_audio,
+                                  truncation_message)
 from losatok_jax.config import SAMPLE_RATE
 
 def noise_id(clip_id: str) -> int:
@@ -49,8 +50,6 @@ def noise_id(clip_id: str) -> int:
 
 def _load(entry: Entry, min_samples: int, max_duration: float | None):
     """(audio_io.Audio, None) or (None, reason): decoding problems are data, not crashes."""
-    from losatok_jax.audio_io import AudioReadError, read_audio
-
     try:
         audio = read_audio(entry.path, SAMPLE_RATE, max_duration=max_duration)
     except AudioReadError as e:

@@ -21,6 +21,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from losatok_jax.audio_io import atomic_write
 from losatok_jax.errors import LosatokError
 
 STATS_FILE = "stats.json"
@@ -91,9 +92,8 @@ def write_stats(directory: Path, parts: Iterable[Path]) -> None:
     """Merges the given partial-moment files into `directory/stats.json` (atomically)."""
     merged = merge_all(read_part(p) for p in parts)
     text = json.dumps({feature: m.summary() for feature, m in merged.items()}, indent=1)
-    temp = directory / f".{STATS_FILE}.{os.getpid()}.tmp"
-    temp.write_text(text + "\n")
-    os.replace(temp, directory / STATS_FILE)
+    with atomic_write(directory / STATS_FILE) as f:
+        f.write(text.encode() + b"\n")
 
 
 def load_stats(directory: str | os.PathLike, feature: str = "z") -> tuple[np.ndarray, np.ndarray]:
