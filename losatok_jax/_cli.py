@@ -1,14 +1,18 @@
-"""What every command-line tool shares: how inputs are listed, how errors and warnings are
-reported, the exit status, and status lines that stay readable in logs.
+"""What every command-line tool shares: its parser, how inputs are listed, how errors, warnings
+and notes are reported, the exit status, and status lines that stay readable in logs.
 
 The exit-status rule: 0 on success; 2 with one `error: ...` line on stderr for any
-`LosatokError` (bad input, never a traceback); 130 when interrupted (the tool saves what it can).
+`LosatokError` or bad argument (never a traceback, never a page of usage); 130 when interrupted
+(the tool saves what it can). A run that fails before its first result leaves nothing on disk:
+tools check their inputs, then their outputs (without creating them), and only then write.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 import time
 import warnings
@@ -16,9 +20,61 @@ from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 from losatok_jax.audio_io import AUDIO_SUFFIXES
-from losatok_jax.errors import LosatokError, one_line
+from losatok_jax.errors import LosatokError, Note, one_line
 
 EXIT_BAD_INPUT = 2
+CONSOLE_SCRIPT_PREFIX = "losatok-"
+
+
+class ArgumentError(LosatokError):
+    """A command line the parser refuses: an unknown flag, a missing one, a bad value."""
+
+
+def program_name(module: str) -> str:
+    """How the user started the tool: the console script's name (`losatok-extract`), or
+    `python -m losatok_jax.<module>`."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv else ""
+    if invoked.startswith(CONSOLE_SCRIPT_PREFIX):
+        return invoked
+    return f"python -m losatok_jax.{module}"
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one `error:` line with a hint, not a page of usage."""
+
+    def __init__(self, module: str, description: str):
+        super().__init__(prog=program_name(module), description=description)
+
+    def error(self, message: str):
+        raise ArgumentError(f"{message} (see {self.prog} --help)")
+
+
+def positive(kind: type = float, what: str = "number"):
+    """An argparse type: a positive, finite `kind`, else an argument error naming what was
+    given."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text!r}") \
+                from None
+        if not 0 < value < math.inf:
+            raise argparse.ArgumentTypeError(f"expected a positive {what}, got {text}")
+        return value
+
+    return parse
+
+
+def positive_list(text: str) -> tuple[int, ...]:
+    """An argparse type: comma-separated positive whole numbers, increasing (bucket sizes)."""
+    try:
+        values = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1 or list(values) != sorted(set(values)):
+        raise argparse.ArgumentTypeError(f"expected increasing positive whole numbers separated "
+                                         f"by commas, got {text!r}")
+    return values
 
 
 class InputError(LosatokError):
@@ -90,18 +146,19 @@ def _manifest_rows(manifest: Path) -> list[tuple[str, str]]:
 
 
 def _print_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {one_line(message)}", file=sys.stderr)
+    StatusLine.clear_all()
+    kind = "note" if issubclass(category, Note) else "warning"
+    print(f"{kind}: {one_line(message)}", file=sys.stderr)
 
 
 def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], int | None],
              argv: Sequence[str] | None = None) -> int:
     """Parses `argv`, runs `run(args)` and returns the exit status (see the module's rule).
-    Warnings print as one `warning:` line each, like the errors."""
-    args = parser.parse_args(argv)
+    Warnings and notes print as one `warning:` or `note:` line each, like the errors."""
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning
         try:
-            status = run(args)
+            status = run(parser.parse_args(argv))
         except LosatokError as e:
             StatusLine.end_all()
             print(f"error: {one_line(e)}", file=sys.stderr)
@@ -111,20 +168,28 @@ def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace]
 
 class StatusLine:
     """A status line on stderr: redrawn in place on a terminal; elsewhere (CI logs, nohup, pod
-    launchers) each update is a whole line, or nothing with `terminal_only`."""
+    launchers) a whole line at most every `log_interval` seconds, or nothing with
+    `terminal_only`."""
 
     _open: list["StatusLine"] = []
 
-    def __init__(self, terminal_only: bool = False, stream=None):
+    def __init__(self, terminal_only: bool = False, stream=None, log_interval: float = 10.0):
         self.stream = stream or sys.stderr
         self.on_terminal = self.stream.isatty()
         self.enabled = self.on_terminal or not terminal_only
+        self.log_interval = log_interval
         self._drawn = False
         self.start = time.perf_counter()
+        self._logged_at = -float("inf")
 
     def show(self, text: str) -> None:
         if not self.enabled:
             return
+        if not self.on_terminal:  # a log: rate-limited whole lines
+            now = time.perf_counter()
+            if now - self._logged_at < self.log_interval:
+                return
+            self._logged_at = now
         if self.on_terminal:
             self.stream.write(f"\r{text}\033[K")
             if not self._drawn:
@@ -153,3 +218,8 @@ class StatusLine:
     def end_all(cls) -> None:
         for line in list(cls._open):
             line.end()
+
+    @classmethod
+    def clear_all(cls) -> None:
+        for line in list(cls._open):
+            line.clear()

@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +20,14 @@ from losatok_jax.runners import Runner
 
 
 def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
-                  keys: tuple[str, ...], noise_ids: Sequence[int]) -> list[dict[str, np.ndarray]]:
+                 keys: tuple[str, ...], noise_ids: Sequence[int],
+                 progress: Progress | None = None) -> list[dict[str, np.ndarray]]:
     """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim).
 
     Every clip is cut into semantic-chunk windows (`_batching.encode_pieces`); a window's row is
     the shortest encode length that holds it. Clips of several windows get their spectrogram
     peak from a first pass over their windows, so the 120 dB floor follows the whole clip.
+    `progress("encoding", done, total)` is called after each batch.
     """
     c = runner.model.config
     tokens = [c.num_tokens(len(clip)) for clip in clips]
@@ -33,23 +35,43 @@ def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
     peaks = np.full(len(clips), -np.inf, np.float32)  # -inf: the window's own peak is the clip's
     several = [p for p in pieces if tokens[p.clip] > p.count]
     chunk = c.semantic.chunk_tokens
-    for group, size in buckets.batch_groups(several, chunk, runner.num_devices):
+    peak_batches = list(buckets.batch_groups(several, chunk, runner.num_devices))
+    batches = [(length, group, size)
+               for length, members in _by_length(pieces, lambda p: buckets.encode_length(c, p.count))
+               for group, size in buckets.batch_groups(members, length, runner.num_devices)]
+    report = _Report(progress, "encoding", len(peak_batches) + len(batches))
+    for group, size in peak_batches:
         buffers, valid = _window_rows(c, clips, group, chunk, size)
         window_peak = runner.window_peaks(buffers, valid)
         for r, p in enumerate(group):
             peaks[p.clip] = max(peaks[p.clip], window_peak[r])
+        report.batch_done()
     outputs = _Outputs(tokens)
-    for length, members in _by_length(pieces, lambda p: buckets.encode_length(c, p.count)):
-        for group, size in buckets.batch_groups(members, length, runner.num_devices):
-            buffers, valid = _window_rows(c, clips, group, length, size)
-            filler = [0] * (size - len(group))
-            clip_peaks = np.array([peaks[p.clip] for p in group] + filler, np.float32)
-            starts = np.array([p.start for p in group] + filler, np.int32)
-            ids = _padded_ids(noise_ids, [p.clip for p in group], size)
-            out = runner.encode_windows(rng, buffers, valid, clip_peaks, ids, starts, keys)
-            for r, p in enumerate(group):
-                outputs.place(p.clip, p.start, {k: out[k][r, :p.count] for k in keys})
+    for length, group, size in batches:
+        buffers, valid = _window_rows(c, clips, group, length, size)
+        filler = [0] * (size - len(group))
+        clip_peaks = np.array([peaks[p.clip] for p in group] + filler, np.float32)
+        starts = np.array([p.start for p in group] + filler, np.int32)
+        ids = _padded_ids(noise_ids, [p.clip for p in group], size)
+        out = runner.encode_windows(rng, buffers, valid, clip_peaks, ids, starts, keys)
+        for r, p in enumerate(group):
+            outputs.place(p.clip, p.start, {k: out[k][r, :p.count] for k in keys})
+        report.batch_done()
     return outputs.arrays
+
+
+# progress(stage, batches done, batches in all): how long-running calls report how far they are.
+Progress = Callable[[str, int, int], None]
+
+
+class _Report:
+    def __init__(self, progress: Progress | None, stage: str, total: int):
+        self.progress, self.stage, self.total, self.done = progress, stage, total, 0
+
+    def batch_done(self) -> None:
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.stage, self.done, self.total)
 
 
 def _by_length(pieces, row_length) -> list[tuple[int, list]]:
@@ -94,26 +116,31 @@ class _Outputs:
             out[start:start + len(values)] = values
 
 
-def decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets) -> list[np.ndarray]:
-    """Decodes (T_i, D) latent sequences of any lengths; returns (640 · T_i,) audio each."""
+def decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets,
+                   progress: Progress | None = None) -> list[np.ndarray]:
+    """Decodes (T_i, D) latent sequences of any lengths; returns (640 · T_i,) audio each.
+    `progress("decoding", done, total)` is called after each batch."""
     c = runner.model.config
     hop = c.samples_per_token
     outputs = _Outputs([len(z) * hop for z in latents])
     packed = _batching.decode_rows(c, buckets, [len(z) for z in latents])
-    for length, members in _by_length(packed, lambda row: row.length):
-        for group, size in buckets.batch_groups(members, length, runner.num_devices):
-            rows = np.zeros((size, length, c.decoder_dim), np.float32)
-            token_mask = np.zeros((size, length), bool)
-            for r, row in enumerate(group):
-                for p, offset in row.pieces:
-                    span = slice(offset, offset + p.stop - p.source)
-                    rows[r, span] = latents[p.clip][p.source:p.stop]
-                    token_mask[r, span] = True
-            audio = runner.decode_rows(rows, token_mask)
-            for r, row in enumerate(group):
-                for p, offset in row.pieces:
-                    begin = (offset + p.start - p.source) * hop
-                    outputs.place(p.clip, p.start * hop, audio[r, begin:begin + p.count * hop])
+    batches = [(length, group, size) for length, members in _by_length(packed, lambda r: r.length)
+               for group, size in buckets.batch_groups(members, length, runner.num_devices)]
+    report = _Report(progress, "decoding", len(batches))
+    for length, group, size in batches:
+        rows = np.zeros((size, length, c.decoder_dim), np.float32)
+        token_mask = np.zeros((size, length), bool)
+        for r, row in enumerate(group):
+            for p, offset in row.pieces:
+                span = slice(offset, offset + p.stop - p.source)
+                rows[r, span] = latents[p.clip][p.source:p.stop]
+                token_mask[r, span] = True
+        audio = runner.decode_rows(rows, token_mask)
+        for r, row in enumerate(group):
+            for p, offset in row.pieces:
+                begin = (offset + p.start - p.source) * hop
+                outputs.place(p.clip, p.start * hop, audio[r, begin:begin + p.count * hop])
+        report.batch_done()
     return outputs.arrays
 
 

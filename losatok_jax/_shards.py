@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from losatok_jax import data, stats
-from losatok_jax.audio_io import atomic_write
+from losatok_jax._files import write_atomically
 from losatok_jax.errors import LosatokError
 
 FORMATS = ("arrayrecord", "npy")
@@ -33,11 +33,6 @@ SETTINGS_FILE = data.SETTINGS_FILE
 
 class ExtractError(LosatokError):
     """Extraction cannot start or (with --strict) go on; the message says why."""
-
-
-def write_atomically(path: Path, payload: str | bytes) -> None:
-    with atomic_write(path) as f:
-        f.write(payload.encode() if isinstance(payload, str) else payload)
 
 
 def npy_name(clip_id: str) -> str:
@@ -121,13 +116,17 @@ class GroupWriter:
 
 
 def check_settings(directory: Path, settings: dict) -> None:
-    """Records `settings` on the first run into `directory`; refuses a later run (a resume, or
-    another process of a pod) whose settings differ, before anything is written."""
+    """Refuses a run into `directory` (a resume, or another process of a pod) whose settings
+    differ from those recorded by an earlier run; reads only, so it can run before anything is
+    written."""
     path = directory / SETTINGS_FILE
     if not path.exists():
-        write_atomically(path, json.dumps(settings, indent=1) + "\n")
         return
-    earlier = json.loads(path.read_text())
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ExtractError(f"{path} is unreadable ({e}); extract into a new --output_dir") \
+            from None
     if "format" not in earlier:
         raise ExtractError(f"{directory} was written by an earlier losatok-jax, without "
                            "statistics; extract into a new --output_dir")
@@ -136,6 +135,13 @@ def check_settings(directory: Path, settings: dict) -> None:
         made = " ".join(filter(None, (_as_flag(k, earlier.get(k)) for k in changed)))
         raise ExtractError(f"{directory} holds latents extracted with {made}; re-run with the "
                            f"same settings or choose another --output_dir")
+
+
+def record_settings(directory: Path, settings: dict) -> None:
+    """Records `settings` on the first run into `directory` (see `check_settings`)."""
+    path = directory / SETTINGS_FILE
+    if not path.exists():
+        write_atomically(path, json.dumps(settings, indent=1) + "\n")
 
 
 def _as_flag(name: str, value) -> str:
@@ -165,8 +171,10 @@ def completed_ids(directory: Path) -> set[str]:
 
 def merge(directory: Path) -> None:
     """Rebuilds index.jsonl, failures.jsonl and stats.json from every process's complete groups,
-    under a lock, so that the last process to finish leaves them complete."""
-    with open(directory / ".merge.lock", "w") as lock:
+    under a lock on the directory itself (no lock file is left behind), so that the last
+    process to finish leaves them complete."""
+    lock = os.open(directory, os.O_RDONLY)
+    try:
         fcntl.flock(lock, fcntl.LOCK_EX)
         indexes = sorted(directory.glob("latents-*.index.jsonl"))
         write_atomically(directory / data.INDEX_FILE, "".join(p.read_text() for p in indexes))
@@ -174,3 +182,5 @@ def merge(directory: Path) -> None:
         write_atomically(directory / "failures.jsonl", "".join(p.read_text() for p in failures))
         stats.write_stats(directory, [p.with_name(p.name.replace(".index.jsonl", ".stats.json"))
                                       for p in indexes])
+    finally:
+        os.close(lock)  # closing releases the lock

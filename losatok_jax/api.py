@@ -17,6 +17,7 @@ import numpy as np
 
 from losatok_jax import _execution, _programs
 from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
+from losatok_jax._execution import Progress
 from losatok_jax.config import LosatokConfig, load_config
 from losatok_jax.model import FEATURE_KEYS, Losatok, _dtype_name, init_params
 from losatok_jax.runners import Runner
@@ -123,7 +124,8 @@ def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
 
 def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
            buckets: Buckets = DEFAULT_BUCKETS, features: Sequence[str] = FEATURE_KEYS,
-           noise_ids: Sequence[int] | None = None, runner: Runner | None = None):
+           noise_ids: Sequence[int] | None = None, runner: Runner | None = None,
+           progress: Progress | None = None):
     """Audio at 16 kHz -> the nine upstream features (or the subset `features`).
 
     - an array (N,), (B, N) or (B, 1, N) -> a dict of (B, T, dim) arrays;
@@ -134,6 +136,7 @@ def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None
     z = mu + eps · exp(logvar / 2) with eps from `rng` (keyed by clip position and token, so
     batching does not change it); otherwise z = mu. Inside a caller's jit/vmap/grad (traced
     input) the array is encoded in one piece and the results are traced arrays.
+    `progress(stage, batches_done, batches_total)`, if given, is called after every batch.
     """
     if sample and rng is None:
         raise ValueError("encode(sample=True) needs a PRNG key: pass rng=jax.random.key(seed)")
@@ -142,7 +145,8 @@ def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None
     runner = runner or Runner(model)
     if isinstance(audio, (list, tuple)):
         clips = _clip_list(audio, model.config)
-        return _execution.encode_clips(runner, clips, rng, buckets, keys, _noise_ids(noise_ids, len(clips)))
+        return _execution.encode_clips(runner, clips, rng, buckets, keys,
+                                       _noise_ids(noise_ids, len(clips)), progress)
     batch = as_audio_batch(audio, model.config)
     noise_ids = _noise_ids(noise_ids, batch.shape[0])
     if isinstance(batch, jax.core.Tracer):
@@ -151,7 +155,8 @@ def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None
                                     model.config.num_tokens(batch.shape[1]))
         out = model.apply(batch, noise, method="encode")
         return {key: out[key] for key in keys}
-    per_clip = _execution.encode_clips(runner, list(batch), rng, buckets, keys, noise_ids)
+    per_clip = _execution.encode_clips(runner, list(batch), rng, buckets, keys, noise_ids,
+                                       progress)
     return {key: np.stack([f[key] for f in per_clip]) for key in keys}
 
 
@@ -162,11 +167,11 @@ def log_mels(model: Losatok, audio) -> tuple[jax.Array, jax.Array]:
 
 
 def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS,
-           runner: Runner | None = None):
+           runner: Runner | None = None, progress: Progress | None = None):
     """Latents (B, T, D) -> audio (B, 640 · T); a list of (T_i, D) -> a list of (640 · T_i,).
 
     Long sequences decode in windows whose halo covers the decoder's receptive field, so the
-    result equals decoding the whole sequence at once.
+    result equals decoding the whole sequence at once. `progress` as for `encode`.
     """
     if isinstance(z, (list, tuple)):
         if not z:
@@ -178,28 +183,28 @@ def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS,
                 raise ValueError(f"latents {i} must be shaped (T, {model.config.decoder_dim}); "
                                  f"got {x.shape}")
             latents.append(_as_latents(x[None], model.config)[0])
-        return _execution.decode_latents(runner or Runner(model), latents, buckets)
+        return _execution.decode_latents(runner or Runner(model), latents, buckets, progress)
     z = _as_latents(z, model.config)
     if isinstance(z, jax.core.Tracer):
         return model.apply(z, method="decode")
-    return np.stack(_execution.decode_latents(runner or Runner(model), list(z), buckets))
+    return np.stack(_execution.decode_latents(runner or Runner(model), list(z), buckets,
+                                              progress))
 
 
 def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None = None,
                 buckets: Buckets = DEFAULT_BUCKETS, features: Sequence[str] = FEATURE_KEYS,
-                runner: Runner | None = None):
+                runner: Runner | None = None, progress: Progress | None = None):
     """encode then decode: (audio, features), shaped as `encode` and `decode` return them.
 
     `features` (which must include "z") chooses what comes back besides the audio; ("z",) keeps
-    memory small for hours of audio.
+    memory small for hours of audio. `progress` as for `encode`.
     """
     if "z" not in features:
         raise ValueError("reconstruct needs 'z' among the features it computes")
     features = encode(model, audio, sample=sample, rng=rng, buckets=buckets, features=features,
-                      runner=runner)
-    if isinstance(features, list):
-        return decode(model, [f["z"] for f in features], buckets=buckets, runner=runner), features
-    return decode(model, features["z"], buckets=buckets, runner=runner), features
+                      runner=runner, progress=progress)
+    z = [f["z"] for f in features] if isinstance(features, list) else features["z"]
+    return decode(model, z, buckets=buckets, runner=runner, progress=progress), features
 
 
 def load_losatok(path: str | os.PathLike | None = None, *,

@@ -7,17 +7,15 @@ they cannot use with one `AudioReadError` whose message fits on one line, so a c
 can print it as is. A file cut short is decoded up to where its data ends, and says so.
 
 `save_audio` writes 32-bit float WAV (subtype FLOAT): the decoder's float32 output is stored
-exactly (after clipping to [-1, 1]), which 16-bit PCM would quantise. It writes a temporary file
-beside the target and renames it over the target only once complete, so a failed write never
-leaves a partial file or damages an existing one.
+exactly (after clipping to [-1, 1]), which 16-bit PCM would quantise. It writes atomically
+(`_files.atomic_write`), so a failed write never leaves a partial file or damages an existing
+one.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import secrets
 import warnings
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import soundfile as sf
 
+from losatok_jax._files import OutputError, atomic_write
 from losatok_jax.errors import LosatokError, one_line
 
 # Suffixes (matched in any case) of the files that folder inputs pick up: what libsndfile reads,
@@ -45,10 +44,6 @@ _STREAMING_DATA_SIZE = 0x7F000000
 
 class AudioReadError(LosatokError):
     """An input file that is missing, unreadable, damaged, truncated, empty or not finite."""
-
-
-class AudioWriteError(LosatokError):
-    """An output file (audio, or another output of the same run) that cannot be written."""
 
 
 def _libsndfile_message(error: Exception) -> str:
@@ -104,6 +99,16 @@ def truncation_message(path, audio: Audio, sample_rate: int) -> str:
             f"than the file holds; decoded the {len(audio.samples) / sample_rate:.3f} s it has")
 
 
+def check_readable(path: str | os.PathLike) -> None:
+    """Raises `AudioReadError` with the precise reason (missing, a directory, no permission) if
+    `path` cannot be opened."""
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise AudioReadError(f"cannot read {path}: {e.strerror}") from None
+
+
 def read_audio(path: str | os.PathLike, sample_rate: int = 16000,
                max_duration: float | None = None) -> Audio:
     """Decodes an audio file (or a video file's first audio stream) to mono float32 (N,) at
@@ -118,11 +123,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000,
     if max_duration is not None and not max_duration > 0:
         raise ValueError(f"max_duration must be positive, got {max_duration}")
     path = Path(path)
-    try:
-        with open(path, "rb"):  # for a precise reason (missing, a directory, no permission)
-            pass
-    except OSError as e:
-        raise AudioReadError(f"cannot read {path}: {e.strerror}") from None
+    check_readable(path)
     try:
         sndfile = sf.SoundFile(path)
     except (sf.SoundFileError, TypeError, RuntimeError) as e:  # TypeError: RAW needs a rate
@@ -207,8 +208,11 @@ def _read_ffmpeg(path: Path, sample_rate: int, max_duration: float | None,
         pending, pending_frames = [], 0
         threshold = _EXACT_LENGTH_DEMUXERS.get(container.format.name)
         exact = threshold is not None
+        pre_skip = _OpusPreSkip.of(container, stream)
         try:
             for packet in container.demux(stream):
+                if pre_skip is not None:
+                    pre_skip.count(packet)
                 try:
                     frames = packet.decode()
                 except av.FFmpegError as e:
@@ -229,8 +233,11 @@ def _read_ffmpeg(path: Path, sample_rate: int, max_duration: float | None,
                         start = frame.time if start is None else start
                         _check_continuous(path, frame.time - start,
                                           (out.frames_in + pending_frames) / out.file_rate)
-                    pending.append(_frame_samples(frame))
-                    pending_frames += frame.samples
+                    samples = _frame_samples(frame)
+                    if pre_skip is not None:
+                        samples = pre_skip.trim(samples)
+                    pending.append(samples)
+                    pending_frames += len(samples)
                 if pending_frames >= _BLOCK_FRAMES:  # frames are small: work on blocks
                     out.add(np.concatenate(pending))
                     pending, pending_frames = [], 0
@@ -248,6 +255,60 @@ def _read_ffmpeg(path: Path, sample_rate: int, max_duration: float | None,
         if shortfall > (threshold or 0.001):
             missing = shortfall
     return Audio(out.finish(), missing)
+
+
+class _OpusPreSkip:
+    """Drops what FFmpeg's decoder leaves of an Opus stream's pre-skip in Matroska and WebM.
+
+    An Opus stream starts with `pre-skip` samples (its ID header says how many) that are not
+    audio. The ffmpeg 5.1 command line writes WebM whose CodecDelay and first block timestamp
+    account for only half of them; the libraries PyAV bundles trust the container and drop only
+    that half, while the ffmpeg 5.1 command line, which upstream's reader runs, drops the whole
+    pre-skip, which also lines the audio up with its source. So the rest is dropped here: the
+    decoder dropped what its first packets hold (their TOC bytes give the count, RFC 6716 §3.1)
+    minus what its first frame returned.
+    """
+
+    def __init__(self, pre_skip: int):
+        self.pre_skip, self.packet_samples, self.left = pre_skip, 0, None
+
+    @classmethod
+    def of(cls, container, stream) -> "_OpusPreSkip | None":
+        """For Opus in Matroska or WebM, with the pre-skip its ID header ("OpusHead", RFC 7845
+        §5.1) gives: a little-endian 16-bit count at byte 10."""
+        context = stream.codec_context
+        header = context.extradata or b""
+        if context.name != "opus" or "matroska" not in container.format.name \
+                or not header.startswith(b"OpusHead") or len(header) < 12:
+            return None
+        return cls(int.from_bytes(header[10:12], "little"))
+
+    def count(self, packet) -> None:
+        if self.left is None and packet.size:
+            self.packet_samples += _opus_packet_samples(bytes(packet))
+
+    def trim(self, samples: np.ndarray) -> np.ndarray:
+        if self.left is None:
+            if not len(samples):
+                return samples
+            dropped = self.packet_samples - len(samples)
+            self.left = max(0, self.pre_skip - dropped)
+        cut = min(self.left, len(samples))
+        self.left -= cut
+        return samples[cut:]
+
+
+def _opus_packet_samples(packet: bytes) -> int:
+    """Samples (at 48 kHz) an Opus packet decodes to, from its TOC byte (RFC 6716, §3.1)."""
+    config, code = packet[0] >> 3, packet[0] & 3
+    if config < 12:  # SILK-only: 10, 20, 40 or 60 ms
+        frame = (480, 960, 1920, 2880)[config % 4]
+    elif config < 16:  # hybrid: 10 or 20 ms
+        frame = (480, 960)[config % 2]
+    else:  # CELT-only: 2.5, 5, 10 or 20 ms
+        frame = (120, 240, 480, 960)[config % 4]
+    frames = 1 if code == 0 else 2 if code in (1, 2) else packet[1] & 0x3F
+    return frame * frames
 
 
 def _check_continuous(path: Path, frame_time: float, decoded_seconds: float) -> None:
@@ -331,46 +392,6 @@ class _MonoResampler:
         return self.buffer[:length]
 
 
-def _create_temp_sibling(path: Path) -> tuple[int, Path]:
-    """A new, exclusively created file next to `path` (same file system, so rename is atomic)."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        # Mode 0o666 lets the umask decide permissions, as for any newly written file.
-        return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
-    except OSError as e:
-        raise AudioWriteError(f"cannot write {path}: {e.strerror}") from None
-
-
-def check_writable(path: str | os.PathLike) -> None:
-    """Raises `AudioWriteError` now if `path` could not be written later (call before slow work).
-
-    Creates and removes a temporary file beside `path`; an existing `path` is left untouched.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise AudioWriteError(f"cannot write {path}: it is a directory")
-    fd, temp = _create_temp_sibling(path)
-    os.close(fd)
-    temp.unlink()
-
-
-@contextlib.contextmanager
-def atomic_write(path: str | os.PathLike):
-    """Yields a binary file that replaces `path` only if the block completes without error."""
-    path = Path(path)
-    fd, temp = _create_temp_sibling(path)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
-        os.replace(temp, path)
-    except OSError as e:
-        raise AudioWriteError(f"cannot write {path}: {e.strerror}") from None
-    finally:
-        temp.unlink(missing_ok=True)
-
-
 def save_audio(path: str | os.PathLike, audio, sample_rate: int = 16000) -> None:
     """Writes mono audio (N,) as a 32-bit float WAV, clipped to [-1, 1], whatever the extension."""
     audio = np.asarray(audio, np.float32)
@@ -380,4 +401,4 @@ def save_audio(path: str | os.PathLike, audio, sample_rate: int = 16000) -> None
         with atomic_write(path) as f:
             sf.write(f, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="FLOAT")
     except sf.SoundFileError as e:
-        raise AudioWriteError(f"cannot write {path}: {_libsndfile_message(e)}") from None
+        raise OutputError(f"cannot write {path}: {_libsndfile_message(e)}") from None

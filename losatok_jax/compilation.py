@@ -11,6 +11,8 @@ import os
 import jax
 import jax.monitoring
 
+from losatok_jax._files import OutputError
+
 CACHE_DIR_ENV = "LOSATOK_COMPILATION_CACHE_DIR"
 
 
@@ -24,7 +26,10 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     if not path:
         return None
     path = os.path.abspath(os.path.expanduser(str(path)))
-    os.makedirs(path, exist_ok=True)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"cannot use {path} as the compilation cache: {e.strerror}") from None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)

@@ -13,12 +13,13 @@ import dataclasses
 import importlib.resources
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from losatok_jax.errors import LosatokError
+from losatok_jax.errors import LosatokError, Note
 
 
 class ConfigError(LosatokError):
@@ -167,9 +168,13 @@ def packaged_config(name: str = RELEASED_CONFIG) -> Path:
 
 def resolve_config_path(path: str | os.PathLike) -> Path:
     """`path` where it exists; else, where its file name is a packaged config's (as in upstream's
-    `--config_path config/16k_16k_25Hz_losatok.yml`, run from any folder), that packaged config."""
+    `--config_path config/16k_16k_25Hz_losatok.yml`, run from any folder), that packaged config,
+    with a `Note` saying so unless `path` is the bare packaged name."""
     path = Path(path)
     if not path.exists() and packaged_config(path.name).is_file():
+        if path.name != str(path):
+            warnings.warn(f"{path} does not exist; using the {path.name} shipped with "
+                          "losatok-jax", Note, stacklevel=3)
         return packaged_config(path.name)
     return path
 

@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from losatok_jax import _cli, _key_mapping, _torch_format, checkpoint
+from losatok_jax import _cli, _files, _key_mapping, _torch_format, checkpoint
 from losatok_jax.config import RELEASED_CONFIG, LosatokConfig, from_upstream_yaml
 from losatok_jax.errors import LosatokError
 
@@ -109,6 +109,8 @@ def _upstream_name(flax_path: tuple[str, ...]) -> str:
     return ".".join(parts + [leaf.get(flax_path[-1], flax_path[-1])])
 
 
+# A mismatch names this many problems at most (a wrong config can mismatch every key).
+MAX_PROBLEMS_SHOWN = 8
 # Parameters are written in groups of about this many bytes (each an Orbax partial save).
 GROUP_BYTES = 256 << 20
 
@@ -138,7 +140,10 @@ def plan_params(state: Mapping, config: LosatokConfig) -> dict[str, _key_mapping
             problems.append(f"shape mismatch at {_upstream_name(tuple(path.split('/')))}: "
                             f"converted {shape}, model expects {expected[path].shape}")
     if problems:
-        raise ConversionError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+        shown = problems[:MAX_PROBLEMS_SHOWN]
+        more = len(problems) - len(shown)
+        raise ConversionError("checkpoint does not match the config: " + "; ".join(shown)
+                              + (f"; and {more} more" if more else ""))
     return leaves
 
 
@@ -175,17 +180,26 @@ def build_params(state: Mapping, config: LosatokConfig) -> dict:
     return unflatten_dict({k: v for group in param_groups(state, leaves) for k, v in group.items()})
 
 
+def _check_output(output_dir: Path, inputs: list[tuple[str, object]]) -> None:
+    """A new or empty folder that is no input, nor inside one, and can be written."""
+    _files.check_apart(output_dir, "--output_dir", inputs)
+    if output_dir.is_dir() and any(output_dir.iterdir()):
+        raise ConversionError(f"{output_dir} exists and is not empty; choose a new directory")
+    _files.check_writable_folder(output_dir)
+
+
 def convert(config_path, model_path, output_dir, semantic_encoder_path=None) -> LosatokConfig:
     """Converts upstream checkpoints into a new checkpoint directory; nothing is left in
-    `output_dir` unless the whole conversion succeeds."""
+    `output_dir` unless the whole conversion succeeds. The inputs are checked (config, keys,
+    shapes) before the output."""
     config = from_upstream_yaml(config_path)
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise ConversionError(f"{output_dir} exists and is not empty; choose a new directory")
     state = read_torch_state(model_path)
     if semantic_encoder_path is not None:
         state.update(read_semantic_source(semantic_encoder_path))
     leaves = plan_params(state, config)
+    _check_output(output_dir, [("--model_path", model_path), ("--config_path", config_path),
+                               ("--semantic_encoder_path", semantic_encoder_path)])
     existed = output_dir.exists()
     try:
         checkpoint.save_in_groups(output_dir, config, param_groups(state, leaves))
@@ -197,8 +211,7 @@ def convert(config_path, model_path, output_dir, semantic_encoder_path=None) -> 
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m losatok_jax.convert",
-                                     description=__doc__.split("\n\n")[0])
+    parser = _cli.Parser("convert", __doc__.split("\n\n")[0])
     parser.add_argument("--config_path", default=RELEASED_CONFIG,
                         help=f"upstream YAML config (default: the released {RELEASED_CONFIG})")
     parser.add_argument("--model_path", required=True, help="upstream LoSATok .pth checkpoint")

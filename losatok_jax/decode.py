@@ -8,9 +8,10 @@ INPUT is a `.npy` of (T, D) or (B, T, D) latents, an `.npz` holding `z`, a folde
 `--normalized DIR` first undoes `losatok_jax.data.normalize` with DIR's `stats.json`, for latents
 a model generated in the normalised space. One 16 kHz float WAV per sequence, named after its file
 (`name.wav`, or `name-<i>.wav` for each row of a batch) or its record id (`<id>.wav`, mirroring
-the id's folders). Every input is checked before anything is written (a missing file, a wrong
-width, NaN or Inf, a wrong rank: one `error:` line, status 2), and each WAV is written
-atomically, so nothing half-written is left.
+the id's folders); the output folder may not be an input folder or lie inside one. `--model_path`
+takes what `reconstruct` takes (a `.pth` is converted once). Every input is checked before
+anything is written (a missing file, a wrong width, NaN or Inf, a wrong rank: one `error:` line,
+status 2), and each WAV is written atomically, so nothing half-written is left.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from typing import Iterator, NamedTuple
 
 import numpy as np
 
-from losatok_jax import _cli, audio_io, compilation, data
+from losatok_jax import _cli, _files, _model_source, audio_io, compilation, data
 from losatok_jax._shards import npy_name
 from losatok_jax.config import SAMPLE_RATE
-from losatok_jax.errors import LosatokError, one_line
+from losatok_jax.errors import LosatokError, one_line, require
 
 LATENT_SUFFIXES = (".npy", ".npz")
 
@@ -71,6 +72,9 @@ def _from_file(path: Path, stem: str) -> list[Latents]:
 
 
 def _from_extraction(directory: Path, ids: list[str] | None) -> list[Latents]:
+    if data.storage_format(directory) == "arrayrecord":
+        require("grain", "data", "decoding an extraction's ArrayRecord shards")
+        require("msgpack", "data", "decoding an extraction's ArrayRecord shards")
     try:
         source = data.LatentDataSource(directory)
     except FileNotFoundError as e:
@@ -132,17 +136,19 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m losatok_jax.decode",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_path", required=True, help="converted checkpoint directory")
+    parser = _cli.Parser("decode", __doc__.split("\n\n")[0])
+    parser.add_argument("--model_path", required=True, help=_model_source.MODEL_HELP)
+    parser.add_argument("--config_path", default=None, help=_model_source.CONFIG_HELP)
     parser.add_argument("--input", required=True,
                         help=".npy/.npz latents, a folder of them, or an extraction directory")
-    parser.add_argument("--output_dir", required=True, help="where the WAVs go")
+    parser.add_argument("--output_dir", required=True,
+                        help="where the WAVs go (not inside an input folder)")
     parser.add_argument("--normalized", default=None, metavar="STATS_DIR",
                         help="the latents are normalised with STATS_DIR's stats.json: undo it")
     parser.add_argument("--ids", default=None,
                         help="comma-separated record ids of an extraction directory")
-    parser.add_argument("--batch_size", type=int, default=16, help="sequences decoded at once")
+    parser.add_argument("--batch_size", type=_cli.positive(int, "whole number"), default=16,
+                        help="sequences decoded at once")
     parser.add_argument("--compilation_cache_dir", default=None, metavar="DIR",
                         help="persistent JAX compilation cache")
     return parser
@@ -151,13 +157,18 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> None:
     from losatok_jax.api import decode, load_losatok
 
-    if args.batch_size < 1:
-        raise LatentInputError("--batch_size must be positive")
+    # Inputs, then outputs (checked without creating anything), then the model.
     ids = None if args.ids is None else [i for i in args.ids.split(",") if i]
     sequences = list_sequences(args.input, ids)
     stats = None if args.normalized is None else data.normalization(args.normalized, "z")
+    _model_source.check_exists(args.model_path)
+    _files.check_apart(args.output_dir, "--output_dir",
+                       [("--input", args.input), ("--normalized", args.normalized),
+                        ("--model_path", args.model_path)])
+    _files.check_writable_folder(args.output_dir)
     compilation.enable_compilation_cache(args.compilation_cache_dir)
-    model = load_losatok(args.model_path)
+    model_path, config_path = _model_source.resolve(args.model_path, args.config_path)
+    model = load_losatok(model_path, config_path=config_path)
     width = model.config.decoder_dim
     if stats is not None and stats[0].shape != (width,):
         raise LatentInputError(f"{args.normalized}/stats.json holds {stats[0].shape[0]} "
@@ -168,7 +179,7 @@ def _run(args: argparse.Namespace) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise audio_io.AudioWriteError(f"cannot write {out}: {e.strerror}") from None
+        raise _files.OutputError(f"cannot create {out}: {e.strerror}") from None
     for group in _batches(sequences, args.batch_size):
         audio = decode(model, [checked(s, width, stats) for s in group])
         for sequence, samples in zip(group, audio):

@@ -13,3 +13,25 @@ def one_line(text) -> str:
 class LosatokError(ValueError):
     """Input that cannot be used: a file, an option, a checkpoint or a config; the message says
     what and why, on one line."""
+
+
+class Note(UserWarning):
+    """Something a user should know that is not a problem (a tool prints it as one `note:`
+    line): a fallback taken, a default chosen on the user's behalf."""
+
+
+class MissingDependencyError(LosatokError):
+    """An optional dependency that a feature needs is not installed; the message names the
+    extra that installs it."""
+
+
+def require(module: str, extra: str, feature: str):
+    """Imports `module`, or raises `MissingDependencyError` saying which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingDependencyError(
+            f"{feature} needs {module.split('.')[0]}, which is not installed: "
+            f"pip install 'losatok-jax[{extra}]'") from None

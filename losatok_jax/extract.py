@@ -9,14 +9,19 @@ INPUT is a folder (searched recursively for audio files) or a `.txt`/`.jsonl` ma
 - `--format arrayrecord` (default): shards `latents-PPPPP-SSSSS.array_record` of process P, one
   record per clip (`losatok_jax.data.decode_record`); `--format npy`: `<id>.npy` and `<id>.json`
   per clip, mirroring the input tree, for trainers that read folders of arrays;
-- `index.jsonl`: every clip (id, path, num_tokens, duration, where it is stored; and
-  truncated_seconds for a file cut short, decoded up to where its data ends, with a warning);
+- `index.jsonl`: every clip (id, its file's absolute path, num_tokens, duration, where it is
+  stored; and truncated_seconds for a file cut short, decoded up to where its data ends, with a
+  warning);
 - `stats.json`: per-channel count, mean and std of every stored feature over every stored token,
   exact whatever the kills, resumes and processes (`losatok_jax.stats`);
 - `failures.jsonl`: inputs that could not be encoded in the latest run, with the reason;
 - `extraction.json`: the settings that decide the stored values (format, features, storage and
   compute dtypes, sampling and its seed). A re-run into the same OUT must use the same ones, so
   one folder never mixes latents computed differently.
+OUT may not be an input folder or lie inside one, nor be a folder holding files a manifest
+lists. Everything is checked before OUT is created: a run refused at the start leaves nothing.
+Progress is a line redrawn on a terminal, or a line every --log_interval seconds in a log; the
+summary counts clips extracted, skipped as stored by an earlier run, and failed.
 
 Multi-host: under `jax.distributed` (flags below, or auto-detected on TPU pods and SLURM), each
 process takes a deterministic, disjoint share of the sorted inputs and encodes it on its own
@@ -36,12 +41,13 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from losatok_jax import _cli, _shards
+from losatok_jax import _cli, _files, _model_source, _shards
 from losatok_jax._cli import Entry, list_inputs
 from losatok_jax._shards import ExtractError
 from losatok_jax.audio_io import (AudioReadError, TruncatedAudioWarning, read_audio,
                                   truncation_message)
 from losatok_jax.config import SAMPLE_RATE
+from losatok_jax.errors import require
 
 def noise_id(clip_id: str) -> int:
     """A stable 31-bit key for a clip's sampling noise: independent of order and process."""
@@ -76,9 +82,10 @@ def _prefetched(entries: list[Entry], workers: int, *load_args) -> Iterator[tupl
 class Progress:
     """Clips, audio hours and audio hours per second, on a status line (`_cli.StatusLine`)."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, skipped: int, log_interval: float):
         self.total, self.done, self.failed, self.hours = total, 0, 0, 0.0
-        self.line = _cli.StatusLine()
+        self.skipped = skipped  # stored by an earlier run
+        self.line = _cli.StatusLine(log_interval=log_interval)
 
     def rate(self) -> float:
         return self.hours / max(time.perf_counter() - self.line.start, 1e-9)
@@ -86,6 +93,12 @@ class Progress:
     def show(self):
         self.line.show(f"{self.done + self.failed}/{self.total} clips, {self.hours:.3f} h of "
                        f"audio, {self.rate():.4f} h/s, {self.failed} failed")
+
+    def summary(self) -> str:
+        elapsed = time.perf_counter() - self.line.start
+        return (f"done: {self.done} clips extracted, {self.skipped} skipped as already stored, "
+                f"{self.failed} failed; {self.hours:.3f} h of audio in {elapsed:.1f} s "
+                f"({self.rate():.4f} h/s)")
 
 
 def _initialize_distributed(args) -> tuple[int, int]:
@@ -104,6 +117,15 @@ def _initialize_distributed(args) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
+def _check_outputs(args, entries: list[Entry]) -> None:
+    """The output folder can be written and is no input, nor inside one (checked without
+    creating anything)."""
+    listed = [] if Path(args.input).is_dir() else [entry.path for entry in entries]
+    _files.check_apart(args.output_dir, "--output_dir",
+                       [("--input", args.input), ("--model_path", args.model_path)], listed)
+    _files.check_writable_folder(args.output_dir)
+
+
 def run(args) -> Progress:
     import jax
 
@@ -117,32 +139,44 @@ def run(args) -> Progress:
     unknown = sorted(set(features) - set(FEATURE_KEYS))
     if unknown:
         raise ExtractError(f"--features: unknown {unknown}; choose from {', '.join(FEATURE_KEYS)}")
-    entries = list_inputs(args.input)
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    process, processes = _initialize_distributed(args)
     if args.format == "npy" and len(features) != 1:
         raise ExtractError(f"--format npy writes one feature per clip (<id>.npy); got --features "
                            f"{','.join(features)}")
     if args.format == "npy" and args.dtype == "bfloat16":
         raise ExtractError("--format npy stores float32 or float16: .npy files have no bfloat16 "
                            "(use the arrayrecord format for bfloat16)")
-    _shards.check_settings(out, {"format": args.format, "features": list(features),
-                                 "dtype": args.dtype, "compute_dtype": args.compute_dtype,
-                                 "sample": args.sample,
-                                 "seed": args.seed if args.sample else None})
+    if args.format == "arrayrecord":
+        require("array_record.python.array_record_module", "data", "--format arrayrecord")
+        require("msgpack", "data", "--format arrayrecord")
+    # Inputs, then outputs, then the settings an earlier run recorded: nothing is written
+    # until the model is loaded.
+    entries = list_inputs(args.input)
+    _model_source.check_exists(args.model_path)
+    _check_outputs(args, entries)
+    out = Path(args.output_dir)
+    settings = {"format": args.format, "features": list(features), "dtype": args.dtype,
+                "compute_dtype": args.compute_dtype, "sample": args.sample,
+                "seed": args.seed if args.sample else None}
+    _shards.check_settings(out, settings)
+    process, processes = _initialize_distributed(args)
     compilation.enable_compilation_cache(args.compilation_cache_dir)
-    model = load_losatok(args.model_path, dtype=args.compute_dtype)
+    model_path, config_path = _model_source.resolve(args.model_path, args.config_path)
+    model = load_losatok(model_path, config_path=config_path, dtype=args.compute_dtype)
     runner = MeshRunner(model) if jax.local_device_count() > 1 else Runner(model)
     buckets = Buckets(batch_sizes=tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128)
                                         if b < args.batch_size) + (args.batch_size,),
-                      num_tokens=tuple(int(t) for t in args.buckets.split(",")))
+                      num_tokens=args.buckets)
 
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _files.OutputError(f"cannot create {out}: {e.strerror}") from None
+    _shards.record_settings(out, settings)
     _shards.clean_up(out, process)
     done = _shards.completed_ids(out)
     share = [e for i, e in enumerate(entries) if i % processes == process]
     pending = [e for e in share if e.id not in done]
-    progress = Progress(len(pending))
+    progress = Progress(len(pending), len(share) - len(pending), args.log_interval)
     writer = _shards.GroupWriter(out, process, args.shard_size, args.format, args.dtype)
     failures_path = out / f"failures-{process:05d}.jsonl"
     rng = jax.random.key(args.seed)
@@ -158,8 +192,8 @@ def run(args) -> Progress:
                              noise_ids=[noise_id(entry.id) for entry, _ in group])
             for (entry, audio), clip in zip(group, latents):
                 duration = len(audio.samples) / SAMPLE_RATE
-                row = {"id": entry.id, "path": entry.path, "duration": duration,
-                       "sample_rate": SAMPLE_RATE}
+                row = {"id": entry.id, "path": os.path.abspath(entry.path),
+                       "duration": duration, "sample_rate": SAMPLE_RATE}
                 if audio.missing_seconds:
                     row["truncated_seconds"] = round(audio.missing_seconds, 6)
                 writer.write(row, clip)
@@ -175,7 +209,6 @@ def run(args) -> Progress:
                 if args.strict:
                     reason = message
                 else:
-                    progress.line.clear()
                     warnings.warn(message, TruncatedAudioWarning, stacklevel=1)
             if reason is not None:
                 if args.strict:
@@ -183,7 +216,7 @@ def run(args) -> Progress:
                     writer.close()
                     raise ExtractError(f"{reason} (--strict)" if reason.startswith(entry.path)
                                        else f"{entry.path}: {reason} (--strict)")
-                failures.write(json.dumps({"id": entry.id, "path": entry.path,
+                failures.write(json.dumps({"id": entry.id, "path": os.path.abspath(entry.path),
                                            "reason": reason}) + "\n")
                 failures.flush()
                 progress.failed += 1
@@ -194,7 +227,6 @@ def run(args) -> Progress:
         flush()
     writer.close()
     _shards.merge(out)
-    progress.show()
     progress.line.end()
     return progress
 
@@ -204,11 +236,13 @@ def _parser() -> argparse.ArgumentParser:
     from losatok_jax.data import STORAGE_DTYPES
     from losatok_jax.model import COMPUTE_DTYPES
 
-    parser = argparse.ArgumentParser(prog="python -m losatok_jax.extract",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_path", required=True, help="converted checkpoint directory")
+    count = _cli.positive(int, "whole number")
+    parser = _cli.Parser("extract", __doc__.split("\n\n")[0])
+    parser.add_argument("--model_path", required=True, help=_model_source.MODEL_HELP)
+    parser.add_argument("--config_path", default=None, help=_model_source.CONFIG_HELP)
     parser.add_argument("--input", required=True, help="folder, .txt or .jsonl manifest")
-    parser.add_argument("--output_dir", required=True, help="where shards and indexes go")
+    parser.add_argument("--output_dir", required=True,
+                        help="where shards and indexes go (not inside an input folder)")
     parser.add_argument("--features", default="z", help="comma-separated features to store")
     parser.add_argument("--dtype", default="float32", choices=tuple(STORAGE_DTYPES),
                         help="storage dtype of the features")
@@ -218,34 +252,33 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
                         help="dtype the model computes in: float32 is the exact port; bfloat16 "
                              "runs its matmuls in bf16 (fast on GPU and TPU)")
-    parser.add_argument("--batch_size", type=int, default=8, help="clips per device per batch")
-    parser.add_argument("--buckets", default=",".join(map(str, DEFAULT_BUCKETS.num_tokens)),
+    parser.add_argument("--batch_size", type=count, default=8, help="clips per device per batch")
+    parser.add_argument("--buckets", type=_cli.positive_list,
+                        default=",".join(map(str, DEFAULT_BUCKETS.num_tokens)),
                         help="length buckets in tokens (25 per second); encoding uses those "
                              "below one semantic chunk (252) and the chunk")
     parser.add_argument("--sample", action="store_true", help="store sampled z, not z = mu")
     parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
-    parser.add_argument("--shard_size", type=int, default=1000, help="records per shard")
-    parser.add_argument("--num_workers", type=int, default=os.cpu_count() or 4,
+    parser.add_argument("--shard_size", type=count, default=1000, help="records per shard")
+    parser.add_argument("--num_workers", type=count, default=os.cpu_count() or 4,
                         help="host threads decoding and resampling audio")
-    parser.add_argument("--max_duration", type=float, default=None,
-                        help="use only the first S seconds of each clip")
+    parser.add_argument("--max_duration", type=_cli.positive(float, "number of seconds"),
+                        default=None, help="use only the first S seconds of each clip")
     parser.add_argument("--strict", action="store_true",
                         help="stop at the first bad input, a truncated file included")
+    parser.add_argument("--log_interval", type=_cli.positive(float, "number of seconds"),
+                        default=10.0, help="off a terminal (a log file), write a progress line "
+                                           "at most every S seconds (default 10)")
     parser.add_argument("--compilation_cache_dir", default=None,
                         help="persistent JAX compilation cache")
     parser.add_argument("--coordinator_address", default=None, help="jax.distributed HOST:PORT")
-    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--num_processes", type=count, default=None)
     parser.add_argument("--process_id", type=int, default=None)
     return parser
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.batch_size < 1 or args.shard_size < 1 or args.num_workers < 1:
-        raise ExtractError("--batch_size, --shard_size and --num_workers must be positive")
-    progress = run(args)
-    elapsed = time.perf_counter() - progress.line.start
-    print(f"done: {progress.done} clips, {progress.failed} failed, {progress.hours:.3f} h of "
-          f"audio in {elapsed:.1f} s ({progress.rate():.4f} h/s)")
+    print(run(args).summary())
 
 
 def main(argv: list[str] | None = None) -> int:

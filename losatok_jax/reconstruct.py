@@ -6,10 +6,11 @@
 The flags are upstream's, so upstream's own command line works as written: `--model_path` may be
 a converted checkpoint folder or upstream's `.pth` (converted once, into `<name>.orbax/` beside it;
 no torch needed), `--device cuda` means the GPU, and `--save_features` writes `.npz`, or
-`.pt` for torch users. Without --model_path the model is randomly initialised from --config_path
-(the released config by default; a warning says so), as upstream does. The output is a 16 kHz
-32-bit float WAV. Long files stream through fixed windows, so memory stays bounded whatever the
-duration: only `z` is kept unless --save_features asks for all nine features.
+`.pt` for torch users. Without --model_path the model is randomly initialised from
+--config_path (the released config by default; a warning says so), as upstream does. The output
+is a 16 kHz 32-bit float WAV, so its name must end in `.wav`; no output may be an input. Long files stream through fixed windows, so memory stays bounded whatever the
+duration: only `z` is kept unless --save_features asks for all nine features; inputs over a
+minute show a progress line.
 --compilation_cache_dir (or $LOSATOK_COMPILATION_CACHE_DIR) keeps compiled programs on disk, so a
 second run compiles nothing.
 """
@@ -17,15 +18,16 @@ second run compiles nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import importlib.metadata
+import importlib.util
 import sys
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from losatok_jax import _cli, _torch_format, audio_io, compilation
+from losatok_jax import _cli, _files, _model_source, _torch_format, audio_io, compilation
 from losatok_jax.api import as_audio_batch, load_losatok, reconstruct
 from losatok_jax.config import RELEASED_CONFIG, SAMPLE_RATE, ConfigError
 from losatok_jax.errors import LosatokError
@@ -33,13 +35,25 @@ from losatok_jax.model import COMPUTE_DTYPES, FEATURE_KEYS
 
 # --device values, upstream's spelling ("cuda") included, and the JAX platform each means.
 PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "tpu": "tpu"}
+# What each accelerator platform needs installed, and the command that installs it.
+_SUPPORT = {"gpu": ("a GPU", "pip install 'losatok-jax[gpu]'"),
+            "tpu": ("a TPU", "pip install 'losatok-jax[tpu]'")}
 FEATURE_FORMATS = (".npz", ".pt")
-CONVERTED_SUFFIX = ".orbax"
-SOURCE_FILE = "converted_from.json"
+OUTPUT_FORMAT = ".wav"
+# Inputs longer than this show a progress line while they are encoded and decoded.
+PROGRESS_SECONDS = 60.0
 
 
 class DeviceError(LosatokError):
     """The requested JAX platform cannot be used on this machine."""
+
+
+def _has_support(platform: str) -> bool:
+    """Whether JAX's plugin (GPU) or libtpu (TPU) for `platform` is installed."""
+    if platform == "tpu":
+        return importlib.util.find_spec("libtpu") is not None
+    return any((dist.metadata["Name"] or "").lower().startswith(("jax-cuda", "jax-rocm"))
+               for dist in importlib.metadata.distributions())
 
 
 def select_device(name: str) -> None:
@@ -51,32 +65,27 @@ def select_device(name: str) -> None:
         jax.devices(platform)
     except RuntimeError as e:
         jax.config.update("jax_platforms", previous)  # leave an in-process caller's JAX usable
-        # JAX's own advice (set JAX_PLATFORMS='') means "omit --device" here.
-        reason = " ".join(str(e).split()).split(" (set JAX_PLATFORMS")[0]
-        raise DeviceError(f"--device {name} is not available ({reason}); omit --device to "
-                          "let JAX choose") from None
-
-
-def _positive_seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, got {text}")
-    return value
+        what, install = _SUPPORT[platform]
+        if not _has_support(platform):
+            reason = (f"this JAX ({jax.__version__}) is installed without {platform.upper()} "
+                      f"support; install it with: {install}")
+        else:
+            # JAX's own advice (set JAX_PLATFORMS='') means "omit --device" here.
+            jax_reason = " ".join(str(e).split()).split(" (set JAX_PLATFORMS")[0]
+            reason = f"JAX finds no usable {platform.upper()} ({jax_reason})"
+        raise DeviceError(f"--device {name}: cannot run on {what}: {reason}; or omit --device "
+                          "to run where JAX can") from None
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m losatok_jax.reconstruct",
-                                     description=__doc__.split("\n\n")[0])
+    parser = _cli.Parser("reconstruct", __doc__.split("\n\n")[0])
     parser.add_argument("--input_path", required=True,
                         help="audio file (wav, flac, ogg, mp3, ...); any rate, any channels")
-    parser.add_argument("--output_path", required=True, help="reconstructed 16 kHz WAV to write")
+    parser.add_argument("--output_path", required=True,
+                        help="reconstructed audio: a 16 kHz float WAV (the name must end in .wav)")
     parser.add_argument("--model_path", default=None,
-                        help="converted checkpoint folder, or upstream's .pth (converted once "
-                             "beside it); default: random initialisation")
-    parser.add_argument("--config_path", default=None,
-                        help=f"upstream YAML config (default: the released {RELEASED_CONFIG}, "
-                             "shipped with the package); with a converted checkpoint it is "
-                             "optional and must match the checkpoint's")
+                        help=f"{_model_source.MODEL_HELP}; default: random initialisation")
+    parser.add_argument("--config_path", default=None, help=_model_source.CONFIG_HELP)
     parser.add_argument("--device", choices=tuple(PLATFORMS), default=None,
                         help="where to run (cuda and gpu both mean the GPU; default: JAX's "
                              "choice)")
@@ -87,8 +96,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="sample z = mu + eps * exp(logvar / 2) instead of using z = mu")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed for --sample noise and for random initialisation")
-    parser.add_argument("--max_duration", type=_positive_seconds, default=None,
-                        help="use only the first S seconds of the input")
+    parser.add_argument("--max_duration", type=_cli.positive(float, "number of seconds"),
+                        default=None, help="use only the first S seconds of the input")
     parser.add_argument("--save_features", default=None, metavar="F.npz|F.pt",
                         help="also write the nine encoder features, each (1, T, dim): .npz "
                              "(numpy), or .pt (a dict of tensors for torch.load)")
@@ -98,79 +107,66 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_features_path(path: str) -> None:
-    if Path(path).suffix.lower() not in FEATURE_FORMATS:
-        raise audio_io.AudioWriteError(f"cannot write {path}: --save_features takes a .npz or a "
-                                       ".pt file name")
-    audio_io.check_writable(path)
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Every output is a new or replaceable file that is no input, checked before slow work."""
+    inputs = [("--input_path", args.input_path), ("--model_path", args.model_path),
+              ("--config_path", args.config_path)]
+    if Path(args.output_path).suffix.lower() != OUTPUT_FORMAT:
+        raise _files.OutputError(f"--output_path {args.output_path}: the reconstruction is "
+                                 f"written as a 16 kHz float WAV; give a name ending in .wav")
+    _files.check_apart(args.output_path, "--output_path", inputs)
+    _files.check_writable(args.output_path)
+    if args.save_features is None:
+        return
+    if Path(args.save_features).suffix.lower() not in FEATURE_FORMATS:
+        raise _files.OutputError(f"--save_features {args.save_features}: give a .npz or a .pt "
+                                 "file name")
+    _files.check_apart(args.save_features, "--save_features",
+                       inputs + [("--output_path", args.output_path)])
+    if Path(args.save_features).resolve() == Path(args.output_path).resolve():
+        raise _files.OutputError("--save_features and --output_path name the same file")
+    _files.check_writable(args.save_features)
 
 
 def _save_features(path: str, features: dict[str, np.ndarray]) -> None:
     arrays = {key: np.asarray(value) for key, value in features.items()}
-    with audio_io.atomic_write(path) as f:
+    with _files.atomic_write(path) as f:
         if Path(path).suffix.lower() == ".pt":
             _torch_format.save(f, arrays)  # what torch.load reads; torch is not needed here
         else:
             np.savez(f, **arrays)
 
 
-def _source_stamp(pth: Path) -> dict:
-    stat = pth.stat()
-    return {"path": str(pth.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+class _Progress:
+    """Encoding and decoding progress on a status line, for inputs long enough to need it."""
 
+    def __init__(self, seconds: float):
+        self.line = _cli.StatusLine() if seconds > PROGRESS_SECONDS else None
+        self.seconds = seconds
 
-def converted_checkpoint(pth: Path, config_path: str | None) -> Path:
-    """The converted checkpoint folder for upstream checkpoint `pth`: `<name>.orbax/` beside it
-    (or, where that folder cannot be written, in the user's cache), converted on first use.
-    A folder converted from another file (or an older version of this one) is never reused or
-    overwritten: the error says what to do."""
-    if not pth.is_file():
-        raise LosatokError(f"--model_path {pth}: no such file")
-    stamp = dict(_source_stamp(pth), config=str(config_path or RELEASED_CONFIG))
-    beside = pth.with_name(pth.name.removesuffix(pth.suffix) + CONVERTED_SUFFIX)
-    digest = hashlib.sha256(stamp["path"].encode()).hexdigest()[:12]
-    cached = Path.home() / ".cache" / "losatok_jax" / f"{beside.name}-{digest}"
-    for folder in (beside, cached):
-        if (folder / SOURCE_FILE).is_file():
-            if json.loads((folder / SOURCE_FILE).read_text()) == stamp:
-                return folder
-            raise LosatokError(f"{folder} was converted from another version of {pth} (or with "
-                               "another config); remove it to convert again")
-    from losatok_jax import convert
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if self.line is not None:
+            elapsed = time.perf_counter() - self.line.start
+            self.line.show(f"{stage} {self.seconds / 60:.1f} min of audio: {done}/{total} "
+                           f"batches, {elapsed:.0f} s")
 
-    folder = beside if _can_create(beside) else cached
-    convert.convert(config_path or RELEASED_CONFIG, pth, folder)
-    (folder / SOURCE_FILE).write_text(json.dumps(stamp) + "\n")
-    print(f"converted {pth} into {folder}; later runs reuse it")
-    return folder
-
-
-def _can_create(folder: Path) -> bool:
-    """Whether `folder` is new and its parent writable (a conversion there would succeed)."""
-    if folder.exists():
-        return False
-    try:
-        audio_io.check_writable(folder)
-    except audio_io.AudioWriteError:
-        return False
-    return True
+    def end(self) -> None:
+        if self.line is not None:
+            self.line.end()
 
 
 def _run(args: argparse.Namespace) -> None:
     if args.device is not None:
         select_device(args.device)
+    # Inputs first, then outputs (checked without writing), then the slow work.
+    audio_io.check_readable(args.input_path)
+    _model_source.check_exists(args.model_path)
+    _check_outputs(args)
     cache_dir = compilation.enable_compilation_cache(args.compilation_cache_dir)
     counter = compilation.CompilationCounter()
-    # Fail on unwritable outputs before the slow model load.
-    audio_io.check_writable(args.output_path)
-    if args.save_features is not None:
-        _check_features_path(args.save_features)
     audio = audio_io.load_audio(args.input_path, SAMPLE_RATE, max_duration=args.max_duration)
 
-    model_path, config_path = args.model_path, args.config_path
-    if model_path is not None and Path(model_path).suffix.lower() in (".pth", ".pt", ".bin"):
-        model_path = converted_checkpoint(Path(model_path), config_path)
-        config_path = None  # the conversion checked the checkpoint against it
+    model_path, config_path = _model_source.resolve(args.model_path, args.config_path)
     if config_path is None and model_path is None:
         config_path = RELEASED_CONFIG
     model = load_losatok(model_path, config_path=config_path, seed=args.seed, dtype=args.dtype)
@@ -184,7 +180,10 @@ def _run(args: argparse.Namespace) -> None:
 
     rng = jax.random.key(args.seed) if args.sample else None
     keys = FEATURE_KEYS if args.save_features is not None else ("z",)
-    recon, features = reconstruct(model, batch, sample=args.sample, rng=rng, features=keys)
+    progress = _Progress(len(audio) / SAMPLE_RATE)
+    recon, features = reconstruct(model, batch, sample=args.sample, rng=rng, features=keys,
+                                  progress=progress)
+    progress.end()
     for key in keys:
         print(f"{key}: {tuple(features[key].shape)}")
 

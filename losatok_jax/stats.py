@@ -21,7 +21,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from losatok_jax.audio_io import atomic_write
+from losatok_jax._files import atomic_write
 from losatok_jax.errors import LosatokError
 
 STATS_FILE = "stats.json"

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from losatok_jax import _cli, audio_io, losses
+from losatok_jax import _cli, _files, _model_source, audio_io, losses
 from losatok_jax._layers import MATRIX_PARAMS
 from losatok_jax._modules import AudioVAE
 from losatok_jax.api import load_losatok
@@ -377,14 +377,14 @@ class _Progress:
 
 def _parser() -> argparse.ArgumentParser:
     defaults, weights = TrainConfig(), LossWeights()
-    parser = argparse.ArgumentParser(prog="python -m losatok_jax.train",
-                                     description=__doc__.split("\n\n")[0])
+    parser = _cli.Parser("train", __doc__.split("\n\n")[0])
     required = functools.partial(parser.add_argument, required=True)
 
     def option(flag, help, **kwargs):
         parser.add_argument(flag, help=f"{help} (default: %(default)s)", **kwargs)
 
-    required("--init_from", help="converted checkpoint directory to start from")
+    required("--init_from", help=f"the model to start from: {_model_source.MODEL_HELP}")
+    parser.add_argument("--config_path", default=None, help=_model_source.CONFIG_HELP)
     required("--data",
              help="folder of audio files (searched recursively) or a manifest with one path a line")
     required("--output_dir",
@@ -393,8 +393,8 @@ def _parser() -> argparse.ArgumentParser:
     option("--batch_size", "crops per optimizer step, over all devices", type=int, default=16)
     option("--grad_accum", "micro-batches per step, each batch_size / grad_accum crops",
            type=int, default=1)
-    option("--segment_seconds", "crop length, rounded to whole 40 ms latent frames", type=float,
-           default=2.0)
+    option("--segment_seconds", "crop length, rounded to whole 40 ms latent frames",
+           type=_cli.positive(float, "number of seconds"), default=2.0)
     option("--learning_rate", "peak learning rate", type=float, default=defaults.learning_rate)
     option("--warmup_steps", "linear warmup steps before the cosine decay; None: 5%% of --steps",
            type=int, default=None)
@@ -448,6 +448,12 @@ def _run_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def _has_saved_steps(run_dir: Path) -> bool:
+    """Whether a run in `run_dir` saved a checkpoint (Orbax names step folders by number)."""
+    checkpoints = run_dir / CHECKPOINTS_DIR
+    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+
+
 def _check_resumable(run_dir: Path, options: dict) -> None:
     if not (run_dir / RUN_OPTIONS_FILE).exists():
         return  # nothing recorded to compare with
@@ -482,36 +488,44 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise ConfigError(f"--{flag} must be at least 1")
     train_config = _train_config(args)
+    # Inputs, then the run folder (checked without creating it), then the slow work; nothing is
+    # written before the data has been read.
     paths = [entry.path for entry in _cli.list_inputs(args.data)]
-    model = load_losatok(args.init_from)
+    _model_source.check_exists(args.init_from, "--init_from")
+    _files.check_apart(args.output_dir, "--output_dir",
+                       [("--init_from", args.init_from), ("--data", args.data)],
+                       [] if Path(args.data).is_dir() else paths)
+    _files.check_writable_folder(args.output_dir)
+    model_path, config_path = _model_source.resolve(args.init_from, args.config_path)
+    model = load_losatok(model_path, config_path=config_path)
     crop = segment_samples(args.segment_seconds, model.config)
     mesh = data_mesh()
     if args.batch_size % (args.grad_accum * mesh.size):
         raise ConfigError(f"--batch_size {args.batch_size} must be a multiple of --grad_accum "
                           f"{args.grad_accum} × {mesh.size} devices")
-
     run_dir = Path(args.output_dir).absolute()
     options = _run_options(args)
+    if _has_saved_steps(run_dir):
+        _check_resumable(run_dir, options)
+
+    clips, skipped = load_clips(paths, model.config.sample_rate)
+    for message in skipped:
+        print(f"warning: skipping {message}", file=sys.stderr)
+    if not clips:
+        raise DataError(f"none of the {len(paths)} files in {args.data} could be read")
+    print(f"data: {len(clips)} of {len(paths)} files readable"
+          + (f" ({len(skipped)} skipped)" if skipped else "")
+          + f"; {args.batch_size} crops of {crop / model.config.sample_rate:g} s per step "
+          f"on {mesh.size} device(s)")
+    sampler = CropSampler(clips, crop, args.batch_size, args.seed)
+
     manager = ocp.CheckpointManager(
         run_dir / CHECKPOINTS_DIR,
         options=ocp.CheckpointManagerOptions(max_to_keep=args.keep, create=True))
     with manager:
         start = manager.latest_step() or 0
-        if start:
-            _check_resumable(run_dir, options)
-        else:
+        if not start:
             (run_dir / RUN_OPTIONS_FILE).write_text(json.dumps(options, indent=2))
-
-        clips, skipped = load_clips(paths, model.config.sample_rate)
-        for message in skipped:
-            print(f"warning: skipping {message}", file=sys.stderr)
-        if not clips:
-            raise DataError(f"none of the {len(paths)} files in {args.data} could be read")
-        print(f"data: {len(clips)} of {len(paths)} files readable"
-              + (f" ({len(skipped)} skipped)" if skipped else "")
-              + f"; {args.batch_size} crops of {crop / model.config.sample_rate:g} s per step "
-              f"on {mesh.size} device(s)")
-        sampler = CropSampler(clips, crop, args.batch_size, args.seed)
 
         state, frozen = init_train_state(model, train_config, args.seed)
         state, frozen = replicate(state, mesh), replicate(frozen, mesh)

@@ -1,9 +1,12 @@
 """Audio files as users hold them, written by the tests: every codec and container in question
-through FFmpeg's encoders (PyAV), Vorbis through libsndfile, and variants that are cut short,
-damaged or hold no audio."""
+through FFmpeg's encoders (PyAV), the same through the ffmpeg command line (as most users' files
+are made: other start times, priming and pre-skip), Vorbis through libsndfile, and variants that
+are cut short, damaged or hold no audio."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 
 import av
@@ -86,6 +89,20 @@ def sndfile(path: Path, *, rate: int = 44100, channels: int = 2, seconds: float 
     return path
 
 
+def ffmpeg_cli(path: Path, codec: str, *, rate: int = 22050, channels: int = 1,
+               seconds: float = 3.0) -> Path:
+    """`ffmpeg -i speech.wav -c:a CODEC path`, as a user makes a file (the container from the
+    suffix, the codec's default settings), from a WAV of `tones` at `rate`."""
+    source = path.with_name(path.name + ".source.wav")
+    sf.write(source, tones(seconds, rate, channels).T, rate, subtype="PCM_16")
+    subprocess.run(["ffmpeg", "-v", "error", "-y", "-i", str(source), "-c:a", codec, str(path)],
+                   check=True)
+    source.unlink()
+    return path
+
+
+HAS_FFMPEG_CLI = shutil.which("ffmpeg") is not None
+
 # name -> (writer, keywords): every format the reader must decode as upstream's reader does.
 FORMATS = {
     "AAC in M4A": ("encode", dict(name="aac.m4a", codec="aac")),
@@ -107,15 +124,35 @@ FORMATS = {
     "PCM 8-bit telephony WAV": ("sndfile", dict(name="phone.wav", rate=8000, channels=1,
                                                 subtype="PCM_U8")),
     "PCM 24-bit AIFF": ("sndfile", dict(name="pcm24.aiff", format="AIFF", subtype="PCM_24")),
+    # The same codecs as the ffmpeg command line writes them (Debian 12 ships ffmpeg 5.1): its
+    # WebM starts at a negative time with half the Opus pre-skip in CodecDelay, its MP3 and AAC
+    # carry encoder priming, its MP4 Opus an edit list.
+    "Opus in WebM (ffmpeg CLI)": ("ffmpeg", dict(name="cli-opus.webm", codec="libopus")),
+    "Opus in Matroska (ffmpeg CLI)": ("ffmpeg", dict(name="cli-opus.mka", codec="libopus",
+                                                      channels=2)),
+    "Opus in Ogg (ffmpeg CLI)": ("ffmpeg", dict(name="cli.opus", codec="libopus")),
+    "Opus in MP4 (ffmpeg CLI)": ("ffmpeg", dict(name="cli-opus.mp4", codec="libopus")),
+    "Vorbis in Ogg (ffmpeg CLI)": ("ffmpeg", dict(name="cli-vorbis.ogg", codec="libvorbis")),
+    "Vorbis in WebM (ffmpeg CLI)": ("ffmpeg", dict(name="cli-vorbis.webm", codec="libvorbis",
+                                                    rate=44100, channels=2)),
+    "AAC in M4A (ffmpeg CLI)": ("ffmpeg", dict(name="cli-aac.m4a", codec="aac", rate=44100)),
+    "AAC in ADTS (ffmpeg CLI)": ("ffmpeg", dict(name="cli.aac", codec="aac")),
+    "AAC in Matroska (ffmpeg CLI)": ("ffmpeg", dict(name="cli-aac.mkv", codec="aac")),
+    "MP3 (ffmpeg CLI)": ("ffmpeg", dict(name="cli.mp3", codec="libmp3lame")),
+    "MP3 in Matroska (ffmpeg CLI)": ("ffmpeg", dict(name="cli-mp3.mkv", codec="libmp3lame",
+                                                     rate=44100, channels=2)),
 }
 
 
-def write_format(folder: Path, label: str) -> Path:
+def write_format(folder: Path, label: str) -> Path | None:
+    """The file of format `label` in `folder`; None for a command-line file without ffmpeg."""
     kind, keywords = FORMATS[label]
     keywords = dict(keywords)
     path = folder / keywords.pop("name")
     if kind == "sndfile":
         return sndfile(path, **keywords)
+    if kind == "ffmpeg":
+        return ffmpeg_cli(path, **keywords) if HAS_FFMPEG_CLI else None
     if label.startswith("MP3, VBR"):  # a silent start makes the first frames small: libsndfile
         keywords["samples"] = tones(3.0, 44100, 2, silent_start=1.0)  # estimates far too long
     return encode(path, **keywords)

@@ -233,3 +233,17 @@ def test_runtime_package_never_imports_torch():
                             text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin",
                                             "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr
+
+
+def test_progress_reports_every_batch_of_both_stages(model):
+    clips = [np.zeros(16000 * seconds, np.float32) + 0.01 for seconds in (1, 2, 30)]
+    calls = []
+    audio, _ = reconstruct(model, clips, features=("z",),
+                           progress=lambda *call: calls.append(call))
+    assert len(audio) == 3
+    for stage in ("encoding", "decoding"):
+        done = [(d, total) for s, d, total in calls if s == stage]
+        total = done[0][1]
+        assert done == [(i, total) for i in range(1, total + 1)], stage
+    stages = [s for s, _, _ in calls]
+    assert stages == sorted(stages, key=lambda s: s == "decoding")  # encoding, then decoding

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import types
 import warnings
 
 import pytest
@@ -82,13 +83,16 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_status_lines_are_whole_lines_when_not_on_a_terminal():
+def test_status_lines_are_whole_lines_at_most_every_interval_when_not_on_a_terminal(
+        monkeypatch):
+    clock = iter([0.0, 0.0, 4.0, 10.0, 15.0, 25.0, 30.0])  # starts, then each show
+    monkeypatch.setattr(_cli, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     log = io.StringIO()
-    line = _cli.StatusLine(stream=log)
-    line.show("1/3 clips")
-    line.show("2/3 clips")
+    line = _cli.StatusLine(stream=log, log_interval=10.0)
+    for done in range(1, 6):
+        line.show(f"{done}/5 clips")
     line.end()
-    assert log.getvalue() == "1/3 clips\n2/3 clips\n"
+    assert log.getvalue() == "1/5 clips\n3/5 clips\n5/5 clips\n"
     quiet = io.StringIO()
     _cli.StatusLine(terminal_only=True, stream=quiet).show("hidden")
     assert quiet.getvalue() == ""

@@ -18,9 +18,9 @@ WIDTH = 3
 def make_extraction(directory, lengths, format="arrayrecord", seed=0):
     """An extraction directory of random latents of `lengths`, written as `extract` writes one."""
     directory.mkdir(parents=True, exist_ok=True)
-    _shards.check_settings(directory, {"format": format, "features": ["z"], "dtype": "float32",
-                                       "compute_dtype": "float32", "sample": False,
-                                       "seed": None})
+    _shards.record_settings(directory, {"format": format, "features": ["z"], "dtype": "float32",
+                                        "compute_dtype": "float32", "sample": False,
+                                        "seed": None})
     writer = _shards.GroupWriter(directory, 0, 4, format, "float32")
     rng = np.random.default_rng(seed)
     latents = {}

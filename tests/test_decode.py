@@ -70,9 +70,9 @@ def test_npy_npz_and_folders(checkpoint, model, latents, tmp_path):
 def test_extraction_records_and_normalized_latents(checkpoint, model, latents, tmp_path):
     extraction = tmp_path / "extraction"
     extraction.mkdir()
-    _shards.check_settings(extraction, {"format": "arrayrecord", "features": ["z"],
-                                        "dtype": "float32", "compute_dtype": "float32",
-                                        "sample": False, "seed": None})
+    _shards.record_settings(extraction, {"format": "arrayrecord", "features": ["z"],
+                                         "dtype": "float32", "compute_dtype": "float32",
+                                         "sample": False, "seed": None})
     writer = _shards.GroupWriter(extraction, 0, 2, "arrayrecord", "float32")
     for i, z in enumerate(latents):
         writer.write({"id": f"set/clip{i}.flac", "path": "x", "duration": 1.0,

@@ -102,9 +102,12 @@ def extracted(checkpoint, audio_folder, tmp_path_factory) -> Path:
     result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
                          "--features", "z,mu,semantic_emb", "--shard_size", "2",
                          "--batch_size", "2", "--buckets", "32,64", "--num_workers", "3")
-    assert "done: 11 clips, 4 failed" in result.stdout
+    assert "done: 11 clips extracted, 0 skipped as already stored, 4 failed" in result.stdout
     [warning] = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert "cut.wav is truncated" in warning
+    # In a log, progress is a line every 10 s at most (the first batch, in a run this short).
+    assert len([line for line in result.stderr.splitlines() if " clips, " in line]) == 1
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no lock file
     return out
 
 
@@ -161,7 +164,7 @@ def test_rerun_skips_completed_clips(extracted, checkpoint, audio_folder):
     result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir",
                          extracted, "--features", "z,mu,semantic_emb", "--shard_size", "2",
                          "--buckets", "32,64")
-    assert "done: 0 clips, 4 failed" in result.stdout
+    assert "done: 0 clips extracted, 11 skipped as already stored, 4 failed" in result.stdout
     assert sorted(p.name for p in extracted.glob("*.array_record")) == before
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -144,7 +145,9 @@ def test_device_cuda_means_the_gpu(cli, tmp_path):
         pass
     status, _, stderr = run_cli(cli, "--input_path", SPEECH, "--output_path", tmp_path / "r.wav",
                                 "--device", "cuda")
-    assert status == 2 and stderr.startswith("error: --device cuda is not available")
+    assert status == 2 and stderr.startswith("error: --device cuda: cannot run on a GPU: ")
+    assert "pip install 'losatok-jax[gpu]'" in stderr and len(stderr.splitlines()) == 1
+    assert "rocm" not in stderr
 
 
 def test_released_config_ships_with_the_package(cli, tmp_path, monkeypatch):
@@ -325,6 +328,10 @@ def test_ten_minute_file_streams_exactly(cli, checkpoint, model, tmp_path):
     status, stdout, stderr = run_cli(cli, "--input_path", tmp_path / "long.wav", "--output_path",
                                      tmp_path / "long_recon.wav", "--model_path", checkpoint)
     assert status == 0, stderr
+    # Past a minute, progress shows: in a log (here), the first line, then one every 10 s.
+    assert stderr.splitlines()[0].startswith("encoding 10.0 min of audio: 1/")
+    assert all(re.fullmatch(r"(en|de)coding 10\.0 min of audio: \d+/\d+ batches, \d+ s", line)
+               for line in stderr.splitlines())
     streamed = sf.read(tmp_path / "long_recon.wav", dtype="float32")[0]
 
     whole = jax.jit(lambda m, x: m.apply(m.apply(x, method="encode")["z"], method="decode"))

@@ -77,7 +77,9 @@ def test_npy_names_stay_inside_the_output_directory():
 
 
 def test_settings_guard_names_the_earlier_flags(tmp_path):
-    _shards.check_settings(tmp_path, SETTINGS)
+    _shards.check_settings(tmp_path, SETTINGS)  # nothing recorded yet: reads only
+    assert not (tmp_path / _shards.SETTINGS_FILE).exists()
+    _shards.record_settings(tmp_path, SETTINGS)
     _shards.check_settings(tmp_path, dict(SETTINGS))  # a resume with the same settings goes on
     with pytest.raises(_shards.ExtractError, match="extracted with no --sample; re-run"):
         _shards.check_settings(tmp_path, {**SETTINGS, "sample": True, "seed": 3})
