@@ -148,37 +148,43 @@ def warmup(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
            keys: Sequence[str] = FEATURE_KEYS, decode_too: bool = True) -> int:
     """Compiles, without running, every program `runner` runs for plans within `buckets`: the same
     stages with the same shapes and placement, lowered from shapes alone. Returns their number."""
+    programs = lower_programs(runner, buckets, sample=sample, keys=keys, decode_too=decode_too)
+    return len([runner.compile(program) for program in programs])
+
+
+def lower_programs(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
+                   keys: Sequence[str] = FEATURE_KEYS, decode_too: bool = True) -> list:
+    """Every program `runner` runs for plans within `buckets`, lowered (`jax.stages.Lowered`)
+    from shapes alone, each stage from the outputs of the stage before, as `encode_clips` and
+    `decode_latents` chain them. The runner's parameters may be abstract."""
     c = runner.model.config
-    spec = jax.ShapeDtypeStruct
     rng = jax.random.key(0) if sample else None
     chunk = c.semantic.chunk_tokens
-    device = jax.sharding.SingleDeviceSharding(runner.device)
-
-    def on_device(shapes):  # one program's outputs, as the next program receives them
-        return jax.tree.map(lambda x: spec(x.shape, x.dtype, sharding=device), shapes)
-
     lowered = []
     for b in buckets.batch_sizes:
-        ints, floats = spec((b,), jnp.int32), spec((b,), jnp.float32)
+        rows = b * runner.num_devices  # a batch bucket counts rows per device
 
-        def buffers(window):
-            return spec((b, _batching.window_samples(c, window)), jnp.float32)
+        def batch(*shape, dtype=jnp.float32):
+            return runner.batch_spec((rows, *shape), dtype)
 
+        ints, floats = batch(dtype=jnp.int32), batch()
         if b <= buckets.max_batch(chunk):
-            lowered.append(runner.lower(_programs.window_peaks, (), (buffers(chunk), ints)))
+            lowered.append(runner.lower(_programs.window_peaks, (),
+                                        (batch(_batching.window_samples(c, chunk)), ints)))
         for k in (k for k in buckets.encode_lengths(c) if b <= buckets.max_batch(k)):
-            stem_inputs = (buffers(k), ints, floats)
-            stem = on_device(jax.eval_shape(_programs.encode_stem, runner.model, *stem_inputs))
-            lowered += [runner.lower(_programs.encode_stem, (), stem_inputs),
-                        runner.lower_stack("semantic", stem["chunks"], stem["chunk_mask"]),
+            stem = runner.lower(_programs.encode_stem, (),
+                                (batch(_batching.window_samples(c, k)), ints, floats))
+            features = runner.outputs(stem)
+            stack = runner.lower_stack("semantic", features["chunks"], features["chunk_mask"])
+            lowered += [stem, stack,
                         runner.lower(_programs.encode_finish, (rng,),
-                                     (stem, stem["chunks"], ints, ints), keys=tuple(keys))]
+                                     (features, runner.outputs(stack), ints, ints),
+                                     keys=tuple(keys))]
         for k in (k for k in buckets.num_tokens if decode_too and b <= buckets.max_batch(k)):
-            rows = (spec((b, k, c.decoder_dim), jnp.float32), spec((b, k), jnp.bool_))
-            x, keep = on_device(jax.eval_shape(_programs.decode_stem, runner.model, *rows))
-            lowered += [runner.lower(_programs.decode_stem, (), rows),
-                        runner.lower_stack("decoder", x, keep),
-                        runner.lower(_programs.decode_finish, (), (x, keep))]
-    for program in lowered:
-        program.compile()
-    return len(lowered)
+            stem = runner.lower(_programs.decode_stem, (),
+                                (batch(k, c.decoder_dim), batch(k, dtype=jnp.bool_)))
+            x, keep = runner.outputs(stem)
+            stack = runner.lower_stack("decoder", x, keep)
+            lowered += [stem, stack,
+                        runner.lower(_programs.decode_finish, (), (runner.outputs(stack), keep))]
+    return lowered

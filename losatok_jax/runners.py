@@ -96,10 +96,34 @@ class Runner:
     @property
     def device(self) -> jax.Device:
         first = jax.tree.leaves(self.model.params)[0]
-        return next(iter(first.devices())) if isinstance(first, jax.Array) else jax.devices()[0]
+        if isinstance(first, jax.Array):
+            return next(iter(first.devices()))
+        sharding = getattr(first, "sharding", None)  # abstract parameters placed by the caller
+        return next(iter(sharding.device_set)) if sharding is not None else jax.devices()[0]
+
+    @property
+    def batch_sharding(self) -> jax.sharding.Sharding:
+        """Where a batch (host rows, or a stage's outputs) lives between stages."""
+        return jax.sharding.SingleDeviceSharding(self.device)
+
+    def batch_spec(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        """A host batch of `shape` as the runner's first stage receives it (here: numpy, placed
+        by the call itself)."""
+        return jax.ShapeDtypeStruct(shape, dtype)
 
     def lower(self, stage, shared: tuple, batched: tuple, **static):
+        """`stage` lowered as `call` runs it, from `batch_spec`s (no data needed)."""
         return stage.lower(self.model, *shared, *batched, **static)
+
+    def compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        """Compiles a program `lower` gave, so that `call` will not compile it again."""
+        return lowered.compile()
+
+    def outputs(self, lowered: jax.stages.Lowered):
+        """A lowered stage's outputs as the next stage receives them (shapes, placed)."""
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                           sharding=self.batch_sharding),
+                            lowered.out_info)
 
     def lower_stack(self, stack: str, x, mask):
         if self.layers is None:
@@ -165,6 +189,27 @@ class PmapRunner(Runner):
         self.num_devices = len(self.devices)
         self.model = _replicate(model, self.devices)
         self._pmapped = functools.cache(self._make_pmapped)
+        self._lowered_keys: dict[int, tuple] = {}
+        self._compiled: dict[tuple, jax.stages.Compiled] = {}
+
+    @property
+    def device(self) -> jax.Device:
+        return self.devices[0]
+
+    @property
+    def batch_sharding(self) -> jax.sharding.Sharding:
+        return NamedSharding(Mesh(np.array(self.devices), ("devices",)), PartitionSpec("devices"))
+
+    def batch_spec(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        """A batch of `shape` as pmap receives it: rows split per device."""
+        split = (self.num_devices, shape[0] // self.num_devices, *shape[1:])
+        return jax.ShapeDtypeStruct(split, dtype, sharding=self.batch_sharding)
+
+    def _split(self, batched: tuple) -> list:
+        """Host rows split per device, (B, ...) -> (devices, B / devices, ...); a previous
+        stage's outputs (and `batch_spec`s) already are."""
+        return [x.reshape(self.num_devices, -1, *x.shape[1:]) if isinstance(x, np.ndarray)
+                else x for x in batched]
 
     def _make_pmapped(self, stage, num_shared: int, num_batched: int, static: tuple):
         return jax.pmap(functools.partial(stage, **dict(static)),
@@ -172,11 +217,28 @@ class PmapRunner(Runner):
                         devices=self.devices)
 
     def call(self, stage, shared: tuple, batched: tuple, **static):
-        # Host batches are split per device; a previous stage's outputs already are.
-        per_device = [x.reshape(self.num_devices, -1, *x.shape[1:])
-                      if isinstance(x, np.ndarray) else x for x in batched]
+        per_device = self._split(batched)
+        compiled = self._compiled.get(_call_key(stage, static, shared, per_device))
+        if compiled is not None:  # compiled ahead of time by `warmup`
+            return compiled(self.model, *shared, *per_device)
         pmapped = self._pmapped(stage, len(shared), len(batched), tuple(sorted(static.items())))
         return pmapped(self.model, *shared, *per_device)
+
+    def lower(self, stage, shared: tuple, batched: tuple, **static):
+        pmapped = self._pmapped(stage, len(shared), len(batched), tuple(sorted(static.items())))
+        per_device = self._split(batched)
+        lowered = pmapped.lower(self.model, *shared, *per_device)
+        self._lowered_keys[id(lowered)] = _call_key(stage, static, shared, per_device)
+        return lowered
+
+    def compile(self, lowered: jax.stages.Lowered) -> jax.stages.Compiled:
+        """pmap's calls do not reuse ahead-of-time compilations, so the runner keeps them and
+        calls them itself."""
+        compiled = lowered.compile()
+        key = self._lowered_keys.pop(id(lowered), None)
+        if key is not None:
+            self._compiled[key] = compiled
+        return compiled
 
     def to_host(self, out):
         return jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), jax.device_get(out))
@@ -185,8 +247,11 @@ class PmapRunner(Runner):
 class MeshRunner(Runner):
     """jit over a 1-D mesh: each batch is sharded on its leading axis, parameters replicated.
 
-    Each process passes its own rows; with a multi-process mesh they form one global batch and
-    each process gets back the results of its rows.
+    Each stage runs under `shard_map`, every device on its own rows: data parallelism by
+    construction, with no collective, whatever the partitioner would make of an operation (it
+    gathers a batch-sharded FFT onto every device). Each process passes its own rows; with a
+    multi-process mesh they form one global batch and each process gets back the results of its
+    rows.
     """
 
     def __init__(self, model: Losatok, mesh: Mesh | None = None):
@@ -197,22 +262,72 @@ class MeshRunner(Runner):
         local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
         self.num_devices = len(local)  # batch rows this process contributes per device bucket
         self._rows = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
-        self.model = jax.device_put(model, NamedSharding(self.mesh, PartitionSpec()))
+        self.model = _place(model, NamedSharding(self.mesh, PartitionSpec()))
+        self._mapped = functools.cache(self._make_mapped)
+
+    def _make_mapped(self, stage, num_shared: int, num_batched: int, static: tuple):
+        def run(model, *args):
+            return stage(model, *args, **dict(static))
+
+        run.__name__ = stage.__name__  # names the compiled program after its stage
+        specs = ((PartitionSpec(),) * (1 + num_shared)
+                 + (PartitionSpec(DATA_AXIS),) * num_batched)
+        return jax.jit(jax.shard_map(run, mesh=self.mesh, in_specs=specs,
+                                     out_specs=PartitionSpec(DATA_AXIS), check_vma=False))
+
+    @property
+    def batch_sharding(self) -> jax.sharding.Sharding:
+        return self._rows
+
+    def batch_spec(self, shape, dtype) -> jax.ShapeDtypeStruct:
+        """Every process's rows of a batch: `shape` counts this process's rows, as `call`
+        receives them; the global batch holds every process's."""
+        rows = shape[0] * self.mesh.devices.size // self.num_devices
+        return jax.ShapeDtypeStruct((rows, *shape[1:]), dtype, sharding=self._rows)
 
     def call(self, stage, shared: tuple, batched: tuple, **static):
         # Host batches become global arrays; a previous stage's outputs already are.
         placed = [jax.make_array_from_process_local_data(self._rows, x)
                   if isinstance(x, np.ndarray) else x for x in batched]
-        return stage(self.model, *shared, *placed, **static)
+        mapped = self._mapped(stage, len(shared), len(batched), tuple(sorted(static.items())))
+        return mapped(self.model, *shared, *placed)
+
+    def lower(self, stage, shared: tuple, batched: tuple, **static):
+        mapped = self._mapped(stage, len(shared), len(batched), tuple(sorted(static.items())))
+        return mapped.lower(self.model, *shared, *batched)
 
     def to_host(self, out):
         return jax.tree.map(_process_rows, out)
+
+
+def _call_key(stage, static: dict, shared: tuple, batched: list) -> tuple:
+    """What identifies one compiled program of a stage: its static arguments and the shapes and
+    dtypes of its inputs."""
+    shapes = tuple((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves((shared, batched)))
+    return stage, tuple(sorted(static.items())), shapes
+
+
+def _is_abstract(tree) -> bool:
+    """Whether `tree`'s leaves are shapes (`jax.ShapeDtypeStruct`), not arrays."""
+    return all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(tree))
+
+
+def _place(tree, sharding: jax.sharding.Sharding):
+    """`tree` on `sharding`, once; abstract parameters (shapes) get the sharding attached, so a
+    runner built on them lowers and compiles programs for devices it need not have."""
+    if _is_abstract(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
+                            tree)
+    return jax.device_put(tree, sharding)
 
 
 def _replicate(tree, devices: Sequence[jax.Device]):
     """One copy of every leaf per device, stacked on a leading axis as pmap expects; the host
     side is a broadcast view, so nothing is copied n times in memory."""
     stacked = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+    if _is_abstract(tree):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(devices), *x.shape), x.dtype,
+                                                           sharding=stacked), tree)
     return jax.tree.map(lambda x: jax.device_put(
         np.broadcast_to(np.asarray(x), (len(devices), *x.shape)), stacked), tree)
 

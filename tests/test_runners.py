@@ -90,9 +90,10 @@ def test_per_layer_weights_follow_parameters_replaced_in_place(model, audio):
 
 
 PARALLEL_SCRIPT = textwrap.dedent("""
-    import sys
+    import logging, re, sys
     import numpy as np, jax
     import losatok_jax
+    from losatok_jax._execution import lower_programs
     from losatok_jax.runners import MeshRunner, PmapRunner
     assert jax.local_device_count() == 8, jax.devices()
     model = losatok_jax.load_losatok(sys.argv[1])
@@ -103,14 +104,32 @@ PARALLEL_SCRIPT = textwrap.dedent("""
     key = jax.random.key(3)
     ref = losatok_jax.encode(model, clips, buckets=buckets, sample=True, rng=key)
     ref_audio = losatok_jax.api.decode(model, [f["z"] for f in ref], buckets=buckets)
+    compiled = []
+    handler = logging.Handler()
+    handler.emit = lambda record: compiled.append(record.getMessage()[:100])
     for runner in (PmapRunner(model), MeshRunner(model)):
         assert runner.num_devices == 8
+        warm = losatok_jax.warmup(model, buckets, sample=True, runner=runner)
+        logging.getLogger("jax").addHandler(handler)
+        jax.config.update("jax_log_compiles", True)
         out = losatok_jax.encode(model, clips, buckets=buckets, sample=True, rng=key, runner=runner)
         audio = losatok_jax.api.decode(model, [f["z"] for f in out], buckets=buckets, runner=runner)
+        jax.config.update("jax_log_compiles", False)
+        logging.getLogger("jax").removeHandler(handler)
+        programs = [m for m in compiled if "Compiling" in m]
+        assert not programs, programs  # warmup compiled everything the runner runs
         feature_error = max(np.abs(a[k] - b[k]).max() for a, b in zip(ref, out) for k in a)
         audio_error = max(np.abs(a - b).max() for a, b in zip(ref_audio, audio))
-        print(type(runner).__name__, feature_error, audio_error)
+        print(type(runner).__name__, warm, feature_error, audio_error)
         assert feature_error <= 1e-5 and audio_error <= 1e-5
+    # A mesh runner on abstract parameters lowers the same programs, without collectives.
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), model)
+    texts = [p.compile().as_text() for p in lower_programs(MeshRunner(abstract), buckets)]
+    assert len(texts) == warm
+    collectives = [c for t in texts for c in re.findall(
+        r"= \\S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)\\(", t)]
+    assert not collectives, collectives
+    print("abstract", len(texts))
 """)
 
 
@@ -120,3 +139,4 @@ def test_parallel_equals_single_on_8_devices(checkpoint):
                             env=_eight_cpu_devices())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "PmapRunner" in result.stdout and "MeshRunner" in result.stdout
+    assert "abstract" in result.stdout
