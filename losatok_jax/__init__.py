@@ -3,7 +3,7 @@
 16 kHz audio -> 128-dim latents at 25 Hz (`encode`) -> audio (`decode`), numerically equal to the
 upstream PyTorch release. The functions are in `losatok_jax.api` (`encode`, `decode`,
 `reconstruct`, ...); `losatok_jax.decode` and `losatok_jax.reconstruct` are command-line modules
-(`python -m losatok_jax.decode`), as are `extract`, `train` and `convert`.
+(`python -m losatok_jax.decode`), as are `extract`, `train`, `convert` and `plan`.
 """
 
 from losatok_jax._batching import DEFAULT_BUCKETS, Buckets

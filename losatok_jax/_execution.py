@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -155,12 +155,29 @@ def warmup(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool =
 def lower_programs(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
                    keys: Sequence[str] = FEATURE_KEYS, decode_too: bool = True) -> list:
     """Every program `runner` runs for plans within `buckets`, lowered (`jax.stages.Lowered`)
-    from shapes alone, each stage from the outputs of the stage before, as `encode_clips` and
-    `decode_latents` chain them. The runner's parameters may be abstract."""
+    from shapes alone. The runner's parameters may be abstract."""
+    return [program.lowered for program in program_plan(runner, buckets, sample=sample,
+                                                        keys=keys, decode_too=decode_too)]
+
+
+class PlannedProgram(NamedTuple):
+    """One program of a plan: the operation and row length (tokens) it serves, its batch bucket
+    (rows per device), its stage, and the stage lowered."""
+
+    operation: str  # "encode" or "decode"
+    tokens: int
+    batch: int
+    stage: str  # "peaks", "stem", "stack" or "finish"
+    lowered: jax.stages.Lowered
+
+
+def program_plan(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
+                 keys: Sequence[str] = FEATURE_KEYS, decode_too: bool = True):
+    """Yields every program `runner` runs for plans within `buckets`, each stage lowered from
+    the outputs of the stage before, as `encode_clips` and `decode_latents` chain them."""
     c = runner.model.config
     rng = jax.random.key(0) if sample else None
     chunk = c.semantic.chunk_tokens
-    lowered = []
     for b in buckets.batch_sizes:
         rows = b * runner.num_devices  # a batch bucket counts rows per device
 
@@ -169,22 +186,22 @@ def lower_programs(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample
 
         ints, floats = batch(dtype=jnp.int32), batch()
         if b <= buckets.max_batch(chunk):
-            lowered.append(runner.lower(_programs.window_peaks, (),
-                                        (batch(_batching.window_samples(c, chunk)), ints)))
+            yield PlannedProgram("encode", chunk, b, "peaks", runner.lower(
+                _programs.window_peaks, (), (batch(_batching.window_samples(c, chunk)), ints)))
         for k in (k for k in buckets.encode_lengths(c) if b <= buckets.max_batch(k)):
             stem = runner.lower(_programs.encode_stem, (),
                                 (batch(_batching.window_samples(c, k)), ints, floats))
             features = runner.outputs(stem)
             stack = runner.lower_stack("semantic", features["chunks"], features["chunk_mask"])
-            lowered += [stem, stack,
-                        runner.lower(_programs.encode_finish, (rng,),
-                                     (features, runner.outputs(stack), ints, ints),
-                                     keys=tuple(keys))]
+            finish = runner.lower(_programs.encode_finish, (rng,),
+                                  (features, runner.outputs(stack), ints, ints), keys=tuple(keys))
+            for stage, lowered in (("stem", stem), ("stack", stack), ("finish", finish)):
+                yield PlannedProgram("encode", k, b, stage, lowered)
         for k in (k for k in buckets.num_tokens if decode_too and b <= buckets.max_batch(k)):
             stem = runner.lower(_programs.decode_stem, (),
                                 (batch(k, c.decoder_dim), batch(k, dtype=jnp.bool_)))
             x, keep = runner.outputs(stem)
             stack = runner.lower_stack("decoder", x, keep)
-            lowered += [stem, stack,
-                        runner.lower(_programs.decode_finish, (), (runner.outputs(stack), keep))]
-    return lowered
+            finish = runner.lower(_programs.decode_finish, (), (runner.outputs(stack), keep))
+            for stage, lowered in (("stem", stem), ("stack", stack), ("finish", finish)):
+                yield PlannedProgram("decode", k, b, stage, lowered)

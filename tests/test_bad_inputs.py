@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from losatok_jax import _cli, _shards, convert, decode, extract, reconstruct, train
+from losatok_jax import _cli, _shards, convert, decode, extract, plan, reconstruct, train
 from losatok_jax.config import RELEASED_CONFIG, load_config
 from losatok_jax.errors import Note
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "tiny_chunk40"
 TOOLS = {"reconstruct": reconstruct.main, "extract": extract.main, "decode": decode.main,
-         "convert": convert.main, "train": train.main}
+         "convert": convert.main, "train": train.main, "plan": plan.main}
 # A folder no user, root included, can create anything in (sysfs).
 UNWRITABLE = "/sys/losatok-output"
 
@@ -235,6 +235,16 @@ CATALOGUE = [
      "--segment_seconds nan", "expected a positive number of seconds"),
     ("train", "--init_from {ckpt} --data {ws}/corpus --output_dir {ws}/run --trainable x",
      "invalid choice"),
+    # plan
+    ("plan", "--target v9x-8", "--target v9x-8: choose from"),
+    ("plan", "--target v5e-8 --operations encode,train", "choose from encode, decode"),
+    ("plan", "--target v5e-8 --batch_size 0", "expected a positive whole number"),
+    ("plan", "--target v5e-8 --model_path {ws}/missing", "no such folder"),
+    ("plan", "--target v5e-8 --input {ws}/corpus --json {ws}/corpus/plan.json",
+     "inside the input folder"),
+    ("plan", "--target v5e-8 --config_path {ws}/config.yml --json {ws}/config.yml",
+     "is the input file"),
+    ("plan", "", "required: --target"),
 ]
 
 
@@ -245,18 +255,20 @@ def test_bad_command_lines(workspace, checkpoint, tool, args, message):
     assert_refused(tool, argv, message, workspace, Path(checkpoint))
 
 
-@pytest.mark.parametrize("tool, args", [
-    ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out"),
-    ("decode", "--model_path {ckpt} --input {ws}/extraction --output_dir {ws}/wavs"),
+@pytest.mark.parametrize("tool, args, extra", [
+    ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out", "data"),
+    ("decode", "--model_path {ckpt} --input {ws}/extraction --output_dir {ws}/wavs", "data"),
+    ("plan", "--target v5e-8 --config_path {ws}/config.yml --json {ws}/plan.json", "tpu"),
 ])
-def test_a_missing_extra_is_named(workspace, checkpoint, monkeypatch, tool, args):
-    """Without the `data` extra, the error says what to install, before anything is written."""
-    for name in [m for m in sys.modules if m.split(".")[0] in ("array_record", "grain")]:
+def test_a_missing_extra_is_named(workspace, checkpoint, monkeypatch, tool, args, extra):
+    """Without the extra, the error says what to install, before anything is written."""
+    for name in [m for m in sys.modules
+                 if m.split(".")[0] in ("array_record", "grain", "libtpu")]:
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.setitem(sys.modules, "array_record", None)
-    monkeypatch.setitem(sys.modules, "grain", None)
+    for name in ("array_record", "grain", "libtpu"):
+        monkeypatch.setitem(sys.modules, name, None)
     argv = args.format(ws=workspace, ckpt=checkpoint).split()
-    assert_refused(tool, argv, "pip install 'losatok-jax[data]'", workspace)
+    assert_refused(tool, argv, f"pip install 'losatok-jax[{extra}]'", workspace)
 
 
 def test_console_scripts_name_themselves(monkeypatch):

@@ -108,3 +108,94 @@ def test_tiny_model_compiles_for_a_two_host_v5e_slice(dtype):
             assert used < chip_memory, program
             # Parameters are held once per chip, not once per row or per device.
             assert program["argument_bytes"] < report["param_bytes"] + (4 << 20), program
+
+
+PLAN_SCRIPT = textwrap.dedent(r"""
+    import json, sys
+    import jax
+    from jax.experimental import topologies
+    from losatok_jax import _programs, checkpoint, plan
+    from losatok_jax._layers import compute_dtype
+    from losatok_jax._modules import LAYER_STACKS
+    from losatok_jax.config import load_config
+    from losatok_jax.model import Losatok, full_float32_matmuls
+    from losatok_jax.runners import _stacked_weights
+
+    config = load_config(sys.argv[1])
+    report = plan.plan(config, plan.TARGETS["v5e-8"], dtype="bfloat16", batch_size=2,
+                       num_tokens=(32, 64))
+    # Independently: each stage jitted on one chip with that chip's rows, stacks unrolled.
+    device = plan.compile_only_devices(plan.TARGETS["v5e-8"])[0]
+    on_chip = jax.sharding.SingleDeviceSharding(device)
+    model = jax.eval_shape(lambda p: Losatok(p, config).astype("bfloat16"),
+                           checkpoint.abstract_params(config))
+    model = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_chip),
+                         model)
+
+    def spec(shape, dtype):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=on_chip)
+
+    def unrolled(model, x, mask, stack):
+        _, layer = LAYER_STACKS[stack]
+        block = layer(model.config, compute_dtype(model.dtype), None)
+        weights = _stacked_weights(model, stack)
+        with full_float32_matmuls():
+            for i in range(len(jax.tree.leaves(weights)[0])):
+                x = block.apply({"params": jax.tree.map(lambda w: w[i], weights)}, x, mask)[0]
+        return x
+
+    def cost(lowered):
+        compiled = lowered.compile()
+        m = compiled.memory_analysis()
+        return (compiled.cost_analysis()["flops"],
+                m.argument_size_in_bytes + m.temp_size_in_bytes + m.output_size_in_bytes)
+
+    import jax.numpy as jnp
+    from losatok_jax import _batching
+    stack_fn = jax.jit(unrolled, static_argnames="stack")
+    found = []
+    for row in report["programs"]:
+        b, k = row["batch_per_chip"], row["tokens"]
+        ints, floats = spec((b,), jnp.int32), spec((b,), jnp.float32)
+        if row["operation"] == "encode":
+            stem_in = (spec((b, _batching.window_samples(config, k)), jnp.float32), ints, floats)
+            stem = _programs.encode_stem.lower(model, *stem_in)
+            out = jax.tree.map(lambda x: spec(x.shape, x.dtype), stem.out_info)
+            stack = stack_fn.lower(model, out["chunks"], out["chunk_mask"], stack="semantic")
+            finish = _programs.encode_finish.lower(model, None, out, out["chunks"], ints, ints,
+                                                   keys=("z",))
+            peaks = _programs.window_peaks.lower(model, stem_in[0], ints)
+            stages = {"peaks": peaks, "stem": stem, "stack": stack, "finish": finish}
+        else:
+            stem = _programs.decode_stem.lower(model, spec((b, k, config.decoder_dim), jnp.float32),
+                                               spec((b, k), jnp.bool_))
+            x, keep = (spec(o.shape, o.dtype) for o in stem.out_info)
+            stages = {"stem": stem, "stack": stack_fn.lower(model, x, keep, stack="decoder"),
+                      "finish": _programs.decode_finish.lower(model, x, keep)}
+        for planned in row["stages"]:
+            flops, memory = cost(stages[planned["stage"]])
+            planned_memory = (planned["argument_bytes"] + planned["temp_bytes"]
+                              + planned["output_bytes"])
+            found.append([row["operation"], k, planned["stage"], planned["flops"], flops,
+                          planned_memory, memory])
+    print("CHECK " + json.dumps(found))
+""")
+
+
+def test_the_plan_matches_an_independent_compile():
+    """The plan's per-chip FLOPs (scans corrected for their other layers) equal each stage
+    compiled on its own for one chip, with the stacks unrolled (within 2%), and so does its
+    memory (within 5%; the stacks' scans, which hold one layer at a time, aside)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [COMPILER, str(REPO_ROOT)]))}
+    env.pop("XLA_FLAGS", None)
+    result = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, str(TINY_CONFIG)],
+                            capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [line] = [x for x in result.stdout.splitlines() if x.startswith("CHECK ")]
+    found = json.loads(line[len("CHECK "):])
+    assert len(found) == 4 + 3 * 2  # encode at the chunk (with its peak pass), decode at 32, 64
+    for operation, tokens, stage, planned, independent, memory, own_memory in found:
+        assert planned == pytest.approx(independent, rel=0.02), (operation, tokens, stage)
+        if stage != "stack":
+            assert memory == pytest.approx(own_memory, rel=0.05), (operation, tokens, stage)
