@@ -65,6 +65,18 @@ def positive(kind: type = float, what: str = "number"):
     return parse
 
 
+def seed(text: str) -> int:
+    """An argparse type: a random seed, a whole number in [0, 2^63)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 0 to 2^63 - 1, got "
+                                         f"{text!r}")
+    return value
+
+
 def positive_list(text: str) -> tuple[int, ...]:
     """An argparse type: comma-separated positive whole numbers, increasing (bucket sizes)."""
     try:

@@ -19,9 +19,11 @@ class OutputError(LosatokError):
     """An output that cannot be written, or that would overwrite or pollute an input."""
 
 
-def _create_temp_sibling(path: Path) -> tuple[int, Path]:
-    """A new, exclusively created file next to `path` (same file system, so rename is atomic)."""
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+def _create_temp_sibling(path: Path, owner: str = "") -> tuple[int, Path]:
+    """A new, exclusively created file next to `path` (same file system, so rename is atomic),
+    named `.<name>.[<owner>.]<random>.tmp`: an owner can find and drop what it left."""
+    temp = path.with_name(f".{path.name}.{owner + '.' if owner else ''}"
+                          f"{secrets.token_hex(4)}.tmp")
     try:
         # Mode 0o666 lets the umask decide permissions, as for any newly written file.
         return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), temp
@@ -59,10 +61,11 @@ def check_writable_folder(path: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike):
-    """Yields a binary file that replaces `path` only if the block completes without error."""
+def atomic_write(path: str | os.PathLike, owner: str = ""):
+    """Yields a binary file that replaces `path` only if the block completes without error
+    (`owner` tags its temporary name; see `_create_temp_sibling`)."""
     path = Path(path)
-    fd, temp = _create_temp_sibling(path)
+    fd, temp = _create_temp_sibling(path, owner)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
@@ -75,8 +78,8 @@ def atomic_write(path: str | os.PathLike):
         temp.unlink(missing_ok=True)
 
 
-def write_atomically(path: str | os.PathLike, payload: str | bytes) -> None:
-    with atomic_write(path) as f:
+def write_atomically(path: str | os.PathLike, payload: str | bytes, owner: str = "") -> None:
+    with atomic_write(path, owner) as f:
         f.write(payload.encode() if isinstance(payload, str) else payload)
 
 

@@ -84,10 +84,11 @@ class GroupWriter:
         target.parent.mkdir(parents=True, exist_ok=True)
         buffer = io.BytesIO()
         np.save(buffer, array)
-        write_atomically(target, buffer.getvalue())
+        owner = _owner(self.process)
+        write_atomically(target, buffer.getvalue(), owner)
         sidecar = {key: row[key] for key in ("id", "path", "duration", "sample_rate",
                                              "num_tokens", "truncated_seconds") if key in row}
-        write_atomically(target.with_suffix(".json"), json.dumps(sidecar) + "\n")
+        write_atomically(target.with_suffix(".json"), json.dumps(sidecar) + "\n", owner)
         return name
 
     def _write_record(self, row: dict, stored: dict[str, np.ndarray]) -> dict:
@@ -152,12 +153,20 @@ def _as_flag(name: str, value) -> str:
     return f"--{name} {','.join(value) if isinstance(value, list) else value}"
 
 
+def _owner(process: int) -> str:
+    """What tags the temporary names of the per-clip files this process writes."""
+    return f"latents-{process:05d}"
+
+
 def clean_up(directory: Path, process: int) -> None:
-    """Drops what a killed run of this process left: temporary files, and the shards and moments
-    of groups whose index was never written. Their clips are redone."""
+    """Drops what a killed run of this process left: temporary files (its groups', and its
+    per-clip files' anywhere below, never another process's), and the shards and moments of
+    groups whose index was never written. Their clips are redone."""
     for pattern in (f"latents-{process:05d}-*.tmp", f".latents-{process:05d}-*.tmp"):
         for tmp in directory.glob(pattern):
             tmp.unlink()
+    for tmp in directory.rglob(f".*.{_owner(process)}.*.tmp"):
+        tmp.unlink(missing_ok=True)
     for suffix in (".array_record", ".stats.json"):
         for part in directory.glob(f"latents-{process:05d}-*{suffix}"):
             if not part.with_name(part.name.replace(suffix, ".index.jsonl")).exists():

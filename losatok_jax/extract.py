@@ -258,7 +258,7 @@ def _parser() -> argparse.ArgumentParser:
                         help="length buckets in tokens (25 per second); encoding uses those "
                              "below one semantic chunk (252) and the chunk")
     parser.add_argument("--sample", action="store_true", help="store sampled z, not z = mu")
-    parser.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    parser.add_argument("--seed", type=_cli.seed, default=0, help="seed for --sample")
     parser.add_argument("--shard_size", type=count, default=1000, help="records per shard")
     parser.add_argument("--num_workers", type=count, default=os.cpu_count() or 4,
                         help="host threads decoding and resampling audio")

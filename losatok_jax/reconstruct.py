@@ -94,7 +94,7 @@ def _parser() -> argparse.ArgumentParser:
                              "transformer and decoder matmuls in bf16 (fast on GPU and TPU)")
     parser.add_argument("--sample", action="store_true",
                         help="sample z = mu + eps * exp(logvar / 2) instead of using z = mu")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_cli.seed, default=0,
                         help="seed for --sample noise and for random initialisation")
     parser.add_argument("--max_duration", type=_cli.positive(float, "number of seconds"),
                         default=None, help="use only the first S seconds of the input")

@@ -58,6 +58,15 @@ CHECKPOINTS_DIR = "checkpoints"
 FINAL_DIR = "final"
 
 
+def _check_range(name: str, value: float, *, low: float, high: float = math.inf,
+                 low_open: bool = False) -> None:
+    """A finite hyperparameter within [low, high] (or (low, high] with `low_open`)."""
+    above = value > low if low_open else value >= low
+    if not (math.isfinite(value) and above and value <= high):
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValueError(f"{name} must be finite and in {bound}; got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class LossWeights:
     """Weights of the objective's terms. Waveform terms dominate by default; KL only regularises
@@ -74,6 +83,8 @@ class LossWeights:
         if self.semantic_mode not in losses.SEMANTIC_MODES:
             raise ValueError(f"semantic_mode must be one of {losses.SEMANTIC_MODES}; "
                              f"got {self.semantic_mode!r}")
+        for name in ("kl", "semantic", "mel", "stft", "logvar"):
+            _check_range(f"the {name} weight", getattr(self, name), low=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +114,13 @@ class TrainConfig:
         if not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps); got {self.warmup_steps} "
                              f"with steps {self.steps}")
+        _check_range("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        _check_range("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        _check_range("weight_decay", self.weight_decay, low=0.0)
+        _check_range("final_lr_ratio", self.final_lr_ratio, low=0.0, high=1.0)
+        for name in ("b1", "b2"):
+            _check_range(name, getattr(self, name), low=0.0, high=1.0)
+
 
 
 def _is_trainable(path: tuple[str, ...], trainable: Sequence[str]) -> bool:
@@ -417,7 +435,8 @@ def _parser() -> argparse.ArgumentParser:
            default=weights.stft)
     option("--logvar_weight", "weight of upstream's optional logvar penalty", type=float,
            default=weights.logvar)
-    option("--seed", "seeds data order, crops and sampling noise", type=int, default=0)
+    option("--seed", "seeds data order, crops and sampling noise", type=_cli.seed,
+           default=0)
     option("--save_every", "checkpoint every K steps", type=int, default=1000)
     option("--keep", "checkpoints to keep", type=int, default=3)
     option("--log_every", "log metrics every K steps", type=int, default=10)
@@ -426,10 +445,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train_config(args: argparse.Namespace) -> TrainConfig:
     warmup = args.warmup_steps if args.warmup_steps is not None else args.steps // 20
-    weights = LossWeights(kl=args.kl_weight, semantic=args.semantic_weight, mel=args.mel_weight,
-                          stft=args.stft_weight, logvar=args.logvar_weight,
-                          semantic_mode=args.semantic_mode)
     try:
+        weights = LossWeights(kl=args.kl_weight, semantic=args.semantic_weight,
+                              mel=args.mel_weight, stft=args.stft_weight,
+                              logvar=args.logvar_weight, semantic_mode=args.semantic_mode)
         return TrainConfig(steps=args.steps, learning_rate=args.learning_rate,
                            warmup_steps=warmup, weight_decay=args.weight_decay,
                            max_grad_norm=args.max_grad_norm,

@@ -125,6 +125,8 @@ CATALOGUE = [
      "expected a positive number of seconds"),
     ("reconstruct", "--input_path {ws}/in.wav --output_path {ws}/r.wav --compilation_cache_dir "
      "{ws}/notes.txt", "cannot use"),
+    ("reconstruct", "--input_path {ws}/in.wav --output_path {ws}/r.wav --sample --seed "
+     "99999999999999999999", "expected a whole number from 0 to 2^63 - 1"),
     ("reconstruct", "--input_path {ws}/in.wav --output_path {ws}/r.wav --device npu",
      "invalid choice"),
     ("reconstruct", "--input_path {ws}/in.wav --output_path {ws}/r.wav --bogus",
@@ -167,6 +169,8 @@ CATALOGUE = [
      "unknown"),
     ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out --buckets 64,32",
      "expected increasing positive whole numbers"),
+    ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out --seed -1",
+     "expected a whole number from 0 to 2^63 - 1"),
     ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out --buckets x",
      "expected increasing positive whole numbers"),
     ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out "
@@ -235,6 +239,12 @@ CATALOGUE = [
      "--segment_seconds nan", "expected a positive number of seconds"),
     ("train", "--init_from {ckpt} --data {ws}/corpus --output_dir {ws}/run --trainable x",
      "invalid choice"),
+    ("train", "--init_from {ckpt} --data {ws}/corpus --output_dir {ws}/run --learning_rate nan",
+     "learning_rate must be finite and in (0, inf]"),
+    ("train", "--init_from {ckpt} --data {ws}/corpus --output_dir {ws}/run --kl_weight -1",
+     "the kl weight must be finite"),
+    ("train", "--init_from {ckpt} --data {ws}/corpus --output_dir {ws}/run --max_grad_norm 0",
+     "max_grad_norm must be finite"),
     # plan
     ("plan", "--target v9x-8", "--target v9x-8: choose from"),
     ("plan", "--target v5e-8 --operations encode,train", "choose from encode, decode"),

@@ -70,6 +70,20 @@ def test_a_group_without_its_index_is_redone(tmp_path):
         len(f["z"]) for _, f in clips)
 
 
+def test_a_process_drops_only_its_own_per_clip_temporaries(tmp_path):
+    """A kill while a `.npy` or its `.json` was being written leaves a hidden temporary beside
+    it; the next run of that process drops it, never one another process is writing."""
+    writer = _shards.GroupWriter(tmp_path, 0, 2, "npy", "float32")
+    [(info, features)] = list(_clips(1))
+    writer.write({**info, "id": "deep/clip.wav"}, features)
+    written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    (tmp_path / "deep" / ".clip.wav.json.latents-00000.0badc0de.tmp").write_text("{")
+    (tmp_path / "deep" / ".other.wav.npy.latents-00001.0badc0de.tmp").write_bytes(b"")
+    _shards.clean_up(tmp_path, process=0)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == sorted(
+        written + ["deep/.other.wav.npy.latents-00001.0badc0de.tmp"])
+
+
 def test_npy_names_stay_inside_the_output_directory():
     assert _shards.npy_name("nested/b.flac") == "nested/b.flac.npy"
     assert _shards.npy_name("/abs/x.wav") == "abs/x.wav.npy"
