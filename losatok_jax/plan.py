@@ -136,7 +136,7 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
     from losatok_jax import _programs, checkpoint
     from losatok_jax._execution import program_plan
     from losatok_jax.model import Losatok
-    from losatok_jax.runners import DATA_AXIS, MeshRunner, _stacked_weights
+    from losatok_jax.runners import DATA_AXIS, MeshRunner, stacked_weights
 
     devices = compile_only_devices(target)
     chips = len(devices)
@@ -160,7 +160,7 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
             (args, _) = program.lowered.args_info
             layer = jax.tree.map(
                 lambda w: jax.ShapeDtypeStruct(w.shape[1:], w.dtype, sharding=one_chip),
-                _stacked_weights(model, stack))
+                stacked_weights(model, stack))
             x, mask = (jax.ShapeDtypeStruct((a.shape[0] // chips, *a.shape[1:]), a.dtype,
                                             sharding=one_chip) for a in args[1:3])
             single = measure(_programs.apply_layer.lower(

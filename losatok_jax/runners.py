@@ -144,7 +144,8 @@ def _params_on_host_cpu(model: Losatok) -> bool:
     return all(on_cpu(leaf) for leaf in jax.tree.leaves(model.params))
 
 
-def _stacked_weights(model: Losatok, stack: str):
+def stacked_weights(model: Losatok, stack: str):
+    """The parameters of `LAYER_STACKS[stack]`, every leaf stacked on a leading layer axis."""
     tree = model.params
     for key in LAYER_STACKS[stack][0]:
         tree = tree[key]
@@ -161,7 +162,7 @@ def per_layer_weights(model: Losatok) -> dict[str, list] | None:
     """
     if not _params_on_host_cpu(model):
         return None
-    stacked = {stack: _stacked_weights(model, stack) for stack in LAYER_STACKS}
+    stacked = {stack: stacked_weights(model, stack) for stack in LAYER_STACKS}
     leaves = jax.tree.leaves(stacked)
     cached = _PER_LAYER_CACHE.get(id(model))
     if cached is None or not all(a is b for a, b in zip(cached[0], leaves)):
