@@ -44,7 +44,7 @@ PROFILES = {
     "tiny": Profile(TINY_SIZES, (1.0, 2.0), 3, (0.5, 2.5), 2, 1024),
 }
 OPERATIONS = ("encode", "decode", "reconstruct")
-NOT_MEASURED_GPU = "not measured (no GPU lent to this task)"
+NOT_MEASURED_GPU = "not measured (no GPU)"
 # `--buckets`: JAX's shape buckets. "default" is `losatok_jax.DEFAULT_BUCKETS` (16-1512 tokens in
 # steps of about 1.25); "powers-of-two" is the coarser 32, 64, ..., 512, 1008 ladder (fewer
 # programs, more padding); "per-second" has one length bucket per second of audio up to a minute
