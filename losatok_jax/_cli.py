@@ -197,17 +197,16 @@ class StatusLine:
     def show(self, text: str) -> None:
         if not self.enabled:
             return
-        if not self.on_terminal:  # a log: rate-limited whole lines
-            now = time.perf_counter()
-            if now - self._logged_at < self.log_interval:
-                return
-            self._logged_at = now
         if self.on_terminal:
             self.stream.write(f"\r{text}\033[K")
             if not self._drawn:
                 StatusLine._open.append(self)
             self._drawn = True
-        else:
+        else:  # a log: whole lines, at most one per interval
+            now = time.perf_counter()
+            if now - self._logged_at < self.log_interval:
+                return
+            self._logged_at = now
             self.stream.write(text + "\n")
         self.stream.flush()
 

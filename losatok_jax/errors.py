@@ -4,6 +4,8 @@ Command-line tools print such an error as one `error:` line and exit with status
 (`losatok_jax._cli.run_main`); anything else is a bug and keeps its traceback.
 """
 
+import importlib
+
 
 def one_line(text) -> str:
     """A message on one line (whitespace runs, newlines included, become one space)."""
@@ -27,8 +29,6 @@ class MissingDependencyError(LosatokError):
 
 def require(module: str, extra: str, feature: str):
     """Imports `module`, or raises `MissingDependencyError` saying which extra installs it."""
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError:

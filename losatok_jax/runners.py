@@ -222,13 +222,13 @@ class PmapRunner(Runner):
         compiled = self._compiled.get(_call_key(stage, static, shared, per_device))
         if compiled is not None:  # compiled ahead of time by `warmup`
             return compiled(self.model, *shared, *per_device)
-        pmapped = self._pmapped(stage, len(shared), len(batched), tuple(sorted(static.items())))
-        return pmapped(self.model, *shared, *per_device)
+        return self._pmapped(*_program_key(stage, shared, batched, static))(
+            self.model, *shared, *per_device)
 
     def lower(self, stage, shared: tuple, batched: tuple, **static):
-        pmapped = self._pmapped(stage, len(shared), len(batched), tuple(sorted(static.items())))
         per_device = self._split(batched)
-        lowered = pmapped.lower(self.model, *shared, *per_device)
+        lowered = self._pmapped(*_program_key(stage, shared, batched, static)).lower(
+            self.model, *shared, *per_device)
         self._lowered_keys[id(lowered)] = _call_key(stage, static, shared, per_device)
         return lowered
 
@@ -290,15 +290,20 @@ class MeshRunner(Runner):
         # Host batches become global arrays; a previous stage's outputs already are.
         placed = [jax.make_array_from_process_local_data(self._rows, x)
                   if isinstance(x, np.ndarray) else x for x in batched]
-        mapped = self._mapped(stage, len(shared), len(batched), tuple(sorted(static.items())))
-        return mapped(self.model, *shared, *placed)
+        return self._mapped(*_program_key(stage, shared, batched, static))(
+            self.model, *shared, *placed)
 
     def lower(self, stage, shared: tuple, batched: tuple, **static):
-        mapped = self._mapped(stage, len(shared), len(batched), tuple(sorted(static.items())))
-        return mapped.lower(self.model, *shared, *batched)
+        return self._mapped(*_program_key(stage, shared, batched, static)).lower(
+            self.model, *shared, *batched)
 
     def to_host(self, out):
         return jax.tree.map(_process_rows, out)
+
+
+def _program_key(stage, shared: tuple, batched: tuple, static: dict) -> tuple:
+    """The arguments of a runner's cached transform of `stage` (pmap's, shard_map's)."""
+    return stage, len(shared), len(batched), tuple(sorted(static.items()))
 
 
 def _call_key(stage, static: dict, shared: tuple, batched: list) -> tuple:
