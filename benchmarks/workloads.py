@@ -128,38 +128,9 @@ def timing_inputs(profile: Profile) -> list[tuple[str, Any]]:
 # FLOPs
 # --------------------------------------------------------------------------------------------
 
-def encode_flops(config, num_samples: int) -> float:
-    """Matmul and convolution FLOPs (2 per multiply-add) that encoding one clip needs, as upstream
-    computes it (no padding). STFTs and elementwise work are left out (< 1%)."""
-    s = config.semantic
-    tokens = config.num_tokens(num_samples)
-    frames = 1 + num_samples // config.hop_length
-    e, d = config.embed_dim, config.decoder_dim
-    flops = 2 * frames * (s.n_fft // 2 + 1) * s.n_mels  # semantic mel matmul
-    flops += 2 * frames * (config.n_fft_acoustic // 2 + 1) * config.n_mels_patch  # acoustic mel
-    flops += 2 * tokens * (s.n_mels * s.frames_per_token) * e  # semantic patch conv
-    full, last = divmod(tokens, s.chunk_tokens)
-    for length, count in ((s.chunk_tokens, full), (last, 1 if last else 0)):
-        per_block = 2 * length * e * (3 * e + e + 2 * s.mlp_dim) + 4 * length * length * e
-        flops += count * s.depth * per_block
-    flops += 2 * tokens * (e * config.sembo_hidden_dim + config.sembo_hidden_dim * d)  # SemBo
-    flops += 2 * tokens * (config.n_mels_patch * config.frames_per_token) * e  # acoustic patch
-    flops += 2 * tokens * (e * d + 2 * d * d)  # fc_a, fc_mu, fc_logvar
-    return float(flops)
-
-
-def decode_flops(config, tokens: int) -> float:
-    """Matmul and convolution FLOPs of decoding `tokens` latents (the irfft left out)."""
-    frames = tokens * config.upsample_tokens
-    e, c, i = config.embed_dim, config.decoder_embed_dim, config.decoder_intermediate_size
-    flops = 2 * frames * config.decoder_dim * e  # ConvTranspose1d
-    flops += 2 * frames * e * c * 7  # embed conv
-    flops += config.decoder_depth * 2 * frames * (c * 7 + 2 * c * i)  # ConvNeXt blocks
-    flops += 2 * frames * c * (config.istft_n_fft + 2)  # ISTFT head projection
-    return float(flops)
-
-
 def row_flops(config, operation: str, clips: list[np.ndarray]) -> float:
+    from losatok_jax.plan import decode_flops, encode_flops
+
     total = 0.0
     for clip in clips:
         if operation in ("encode", "reconstruct"):

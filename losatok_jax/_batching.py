@@ -18,12 +18,15 @@ compilation is bounded however varied the inputs are, and padding is small:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from losatok_jax import _files
 from losatok_jax.config import LosatokConfig
+from losatok_jax.errors import LosatokError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,9 @@ class Buckets:
     num_tokens: tuple[int, ...] = (16, 25, 32, 40, 50, 64, 80, 100, 126, 160, 200, 252, 320, 400,
                                    504, 640, 756, 800, 1008, 1260, 1512)
     max_batch_tokens: int = 4096
+    # (row length, batch) pairs from a batch plan: these lengths run at most that batch, in
+    # place of the token budget's.
+    fixed_batches: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         for name in ("batch_sizes", "num_tokens"):
@@ -53,8 +59,11 @@ class Buckets:
             raise ValueError(f"Buckets.max_batch_tokens must be positive: {self.max_batch_tokens}")
 
     def max_batch(self, tokens: int) -> int:
-        """The largest batch bucket whose rows of `tokens` tokens fit the token budget."""
-        fitting = [b for b in self.batch_sizes if b * tokens <= self.max_batch_tokens]
+        """The largest batch bucket whose rows of `tokens` tokens fit the token budget (or the
+        batch plan's batch for that length)."""
+        fixed = dict(self.fixed_batches).get(tokens)
+        fitting = [b for b in self.batch_sizes if (b <= fixed if fixed is not None
+                                                   else b * tokens <= self.max_batch_tokens)]
         return fitting[-1] if fitting else self.batch_sizes[0]
 
     @property
@@ -89,6 +98,63 @@ class Buckets:
 
 
 DEFAULT_BUCKETS = Buckets()
+POWERS_OF_TWO = tuple(2 ** i for i in range(11))  # the batch buckets extraction may use
+
+
+def extraction_buckets(batch_size: int, num_tokens=None) -> Buckets:
+    """The buckets `extract --batch_size B [--buckets ...]` runs: powers of two up to B."""
+    return Buckets(batch_sizes=tuple(b for b in POWERS_OF_TWO if b < batch_size) + (batch_size,),
+                   num_tokens=tuple(num_tokens or DEFAULT_BUCKETS.num_tokens))
+
+
+BATCH_PLAN_FORMAT = "losatok-batch-plan"
+
+
+class BatchPlanError(LosatokError):
+    """A batch plan file that cannot be read, or was made for another model or dtype."""
+
+
+def write_batch_plan(path: str, batches: dict[int, int], *, config: LosatokConfig, dtype: str,
+                     target: str, hbm_fraction: float) -> None:
+    """Writes the largest batch per encode row length that fits a target's HBM budget."""
+    plan = {"format": BATCH_PLAN_FORMAT, "target": target, "dtype": dtype,
+            "hbm_fraction": hbm_fraction, "config": config.to_dict(),
+            "encode_batches": {str(tokens): batch for tokens, batch in sorted(batches.items())}}
+    _files.write_atomically(path, json.dumps(plan, indent=1) + "\n")
+
+
+def read_batch_plan(path: str, dtype: str) -> dict:
+    """A batch plan file's contents, checked to be one made for computing in `dtype`."""
+    not_one = BatchPlanError(f"--batch_plan {path}: not a batch plan (write one with "
+                             "python -m losatok_jax.plan --batch_plan)")
+    try:
+        with open(path) as f:
+            plan = json.load(f)
+        batches = {int(tokens): batch for tokens, batch in plan["encode_batches"].items()}
+        fine = (plan["format"] == BATCH_PLAN_FORMAT and isinstance(plan["dtype"], str)
+                and isinstance(plan["config"], dict) and batches and all(
+                    isinstance(b, int) and b >= 1 and t >= 1 for t, b in batches.items()))
+    except OSError as e:
+        raise BatchPlanError(f"--batch_plan {path}: cannot read it: {e.strerror}") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise not_one from None
+    if not fine:
+        raise not_one
+    if plan["dtype"] != dtype:
+        raise BatchPlanError(f"--batch_plan {path} was planned for --compute_dtype "
+                             f"{plan['dtype']}, not {dtype}")
+    return plan
+
+
+def batch_plan_buckets(plan: dict, path: str, config: LosatokConfig) -> Buckets:
+    """The encode buckets of a batch plan (`read_batch_plan`) for `config`: its row lengths,
+    each at its planned batch."""
+    if plan["config"] != json.loads(json.dumps(config.to_dict())):
+        raise BatchPlanError(f"--batch_plan {path} was planned for another model config")
+    batches = {int(tokens): batch for tokens, batch in plan["encode_batches"].items()}
+    sizes = {b for b in POWERS_OF_TWO if b < max(batches.values())} | set(batches.values())
+    return Buckets(batch_sizes=tuple(sorted(sizes)), num_tokens=tuple(sorted(batches)),
+                   fixed_batches=tuple(sorted(batches.items())))
 
 
 # Frames a k=7 decoder convolution (the embedding conv, each ConvNeXt dwconv) reads either side.

@@ -130,7 +130,7 @@ def run(args) -> Progress:
     import jax
 
     from losatok_jax import compilation
-    from losatok_jax._batching import Buckets
+    from losatok_jax._batching import batch_plan_buckets, extraction_buckets, read_batch_plan
     from losatok_jax.api import encode, load_losatok
     from losatok_jax.model import FEATURE_KEYS
     from losatok_jax.runners import MeshRunner, Runner
@@ -145,6 +145,9 @@ def run(args) -> Progress:
     if args.format == "npy" and args.dtype == "bfloat16":
         raise ExtractError("--format npy stores float32 or float16: .npy files have no bfloat16 "
                            "(use the arrayrecord format for bfloat16)")
+    if args.batch_plan is not None and (args.batch_size or args.buckets):
+        raise ExtractError("--batch_plan sets the length buckets and their batches: leave out "
+                           "--batch_size and --buckets")
     if args.format == "arrayrecord":
         require("array_record.python.array_record_module", "data", "--format arrayrecord")
         require("msgpack", "data", "--format arrayrecord")
@@ -152,6 +155,8 @@ def run(args) -> Progress:
     # until the model is loaded.
     entries = list_inputs(args.input)
     _model_source.check_exists(args.model_path)
+    batch_plan = None if args.batch_plan is None else read_batch_plan(args.batch_plan,
+                                                                      args.compute_dtype)
     _check_outputs(args, entries)
     out = Path(args.output_dir)
     settings = {"format": args.format, "features": list(features), "dtype": args.dtype,
@@ -163,9 +168,10 @@ def run(args) -> Progress:
     model_path, config_path = _model_source.resolve(args.model_path, args.config_path)
     model = load_losatok(model_path, config_path=config_path, dtype=args.compute_dtype)
     runner = MeshRunner(model) if jax.local_device_count() > 1 else Runner(model)
-    buckets = Buckets(batch_sizes=tuple(b for b in (1, 2, 4, 8, 16, 32, 64, 128)
-                                        if b < args.batch_size) + (args.batch_size,),
-                      num_tokens=args.buckets)
+    if args.batch_plan is None:
+        buckets = extraction_buckets(args.batch_size or 8, args.buckets)
+    else:
+        buckets = batch_plan_buckets(batch_plan, args.batch_plan, model.config)
 
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -180,7 +186,7 @@ def run(args) -> Progress:
     writer = _shards.GroupWriter(out, process, args.shard_size, args.format, args.dtype)
     failures_path = out / f"failures-{process:05d}.jsonl"
     rng = jax.random.key(args.seed)
-    group_size = args.batch_size * runner.num_devices * 4
+    group_size = buckets.batch_sizes[-1] * runner.num_devices * 4
     with open(failures_path, "w") as failures:
         group: list[tuple[Entry, object]] = []
 
@@ -252,15 +258,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compute_dtype", default="float32", choices=COMPUTE_DTYPES,
                         help="dtype the model computes in: float32 is the exact port; bfloat16 "
                              "runs its matmuls in bf16 (fast on GPU and TPU)")
-    parser.add_argument("--batch_size", type=count, default=8, help="clips per device per batch")
-    parser.add_argument("--buckets", type=_cli.positive_list,
-                        default=",".join(map(str, DEFAULT_BUCKETS.num_tokens)),
+    parser.add_argument("--batch_size", type=count, default=None,
+                        help="clips per device per batch (default 8)")
+    parser.add_argument("--buckets", type=_cli.positive_list, default=None,
                         help="length buckets in tokens (25 per second); encoding uses those "
-                             "below one semantic chunk (252) and the chunk")
+                             "below one semantic chunk (252) and the chunk (default "
+                             f"{','.join(map(str, DEFAULT_BUCKETS.num_tokens))})")
+    parser.add_argument("--batch_plan", default=None,
+                        help="a batch plan written by python -m losatok_jax.plan --batch_plan: "
+                             "the largest batch per length bucket that fits the accelerator")
     parser.add_argument("--sample", action="store_true", help="store sampled z, not z = mu")
     parser.add_argument("--seed", type=_cli.seed, default=0, help="seed for --sample")
     parser.add_argument("--shard_size", type=count, default=1000, help="records per shard")
-    parser.add_argument("--num_workers", type=count, default=os.cpu_count() or 4,
+    parser.add_argument("--num_workers", type=count, default=len(os.sched_getaffinity(0)),
                         help="host threads decoding and resampling audio")
     parser.add_argument("--max_duration", type=_cli.positive(float, "number of seconds"),
                         default=None, help="use only the first S seconds of each clip")

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from losatok_jax import _cli, _shards, convert, decode, extract, plan, reconstruct, train
+from losatok_jax import _batching, _cli, _shards, convert, decode, extract, plan, reconstruct, train
 from losatok_jax.config import RELEASED_CONFIG, load_config
 from losatok_jax.errors import Note
 
@@ -60,6 +60,9 @@ def workspace(tmp_path_factory, checkpoint) -> Path:
                  {"z": rng.standard_normal((10, 16)).astype(np.float32)})
     writer.close()
     _shards.merge(ws / "extraction")
+    _batching.write_batch_plan(str(ws / "bf16-plan.json"), {32: 4},
+                               config=load_config(GOLDEN / "config.yml"), dtype="bfloat16",
+                               target="v5e:2x4", hbm_fraction=0.9)
     return ws
 
 
@@ -185,6 +188,14 @@ CATALOGUE = [
      "no such file or folder"),
     ("extract", "--model_path {ckpt} --input {ws}/in.wav --output_dir {ws}/out",
      "expected a folder"),
+    ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out "
+     "--batch_plan {ws}/missing.json", "missing.json: cannot read it: No such file"),
+    ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out "
+     "--batch_plan {ws}/notes.txt", "not a batch plan (write one with python -m losatok_jax.plan"),
+    ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out "
+     "--batch_plan {ws}/bf16-plan.json", "planned for --compute_dtype bfloat16, not float32"),
+    ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out "
+     "--batch_plan {ws}/bf16-plan.json --batch_size 4", "leave out --batch_size and --buckets"),
     ("extract", "--model_path {ckpt} --input {ws}/corpus --output_dir {ws}/out --device x",
      "unrecognized arguments"),
     # decode
@@ -247,7 +258,11 @@ CATALOGUE = [
      "max_grad_norm must be finite"),
     # plan
     ("plan", "--target v9x-8", "--target v9x-8: choose from"),
-    ("plan", "--target v5e-8 --operations encode,train", "choose from encode, decode"),
+    ("plan", "--target v5e-8 --operations encode,fit", "choose from encode, decode, train"),
+    ("plan", "--target v5e-8 --operations decode --batch_plan {ws}/bp.json",
+     "--operations must include encode"),
+    ("plan", "--target v5e-8 --config_path {ws}/config.yml --batch_plan {ws}/config.yml",
+     "is the input file"),
     ("plan", "--target v5e-8 --batch_size 0", "expected a positive whole number"),
     ("plan", "--target v5e-8 --model_path {ws}/missing", "no such folder"),
     ("plan", "--target v5e-8 --input {ws}/corpus --json {ws}/corpus/plan.json",

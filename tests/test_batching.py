@@ -3,6 +3,9 @@ and batch groups. What running the plans gives is in test_execution.py."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -99,3 +102,32 @@ def test_batch_groups_put_filler_only_in_the_last_group():
     assert [(len(g), size) for g, size in groups] == [(4, 4), (1, 2)]  # one row per device min
     odd = Buckets(batch_sizes=(4,), num_tokens=(16,))
     assert [(len(g), size) for g, size in odd.batch_groups(list(range(6)), 16)] == [(4, 4), (2, 4)]
+
+
+def test_a_batch_plan_sets_each_length_its_batch(model, tmp_path):
+    """A plan's batches replace the token budget for its lengths; extraction's buckets are the
+    powers of two up to the largest planned batch, and the plan must match model and dtype."""
+    path = tmp_path / "plan.json"
+    _batching.write_batch_plan(str(path), {4: 64, 10: 16}, config=model.config,
+                               dtype="float32", target="v5e:2x4", hbm_fraction=0.9)
+    plan = _batching.read_batch_plan(str(path), "float32")
+    buckets = _batching.batch_plan_buckets(plan, str(path), model.config)
+    assert buckets.num_tokens == (4, 10) and buckets.batch_sizes == (1, 2, 4, 8, 16, 32, 64)
+    assert (buckets.max_batch(4), buckets.max_batch(10)) == (64, 16)
+    assert buckets.encode_lengths(model.config) == (4, 10)
+    assert [size for _, size in buckets.batch_groups(list(range(100)), 4)] == [64, 32, 4]
+    assert _batching.extraction_buckets(8, (4, 10)).batch_sizes == (1, 2, 4, 8)
+    assert _batching.extraction_buckets(12).batch_sizes == (1, 2, 4, 8, 12)
+
+    with pytest.raises(_batching.BatchPlanError, match="for --compute_dtype float32, not bf"):
+        _batching.read_batch_plan(str(path), "bfloat16")
+    other = dataclasses.replace(model.config, decoder_depth=model.config.decoder_depth + 1)
+    with pytest.raises(_batching.BatchPlanError, match="another model config"):
+        _batching.batch_plan_buckets(plan, str(path), other)
+    for text in ("not json", '{"format": "losatok-batch-plan"}', json.dumps(
+            {**plan, "encode_batches": {"4": 0}}), json.dumps({**plan, "format": "other"})):
+        path.write_text(text)
+        with pytest.raises(_batching.BatchPlanError, match="not a batch plan"):
+            _batching.read_batch_plan(str(path), "float32")
+    with pytest.raises(_batching.BatchPlanError, match="cannot read it"):
+        _batching.read_batch_plan(str(tmp_path / "missing.json"), "float32")

@@ -21,7 +21,7 @@ import soundfile as sf
 
 import losatok_jax
 import media
-from losatok_jax import data
+from losatok_jax import _batching, data
 from losatok_jax.audio_io import load_audio, read_audio
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -202,6 +202,25 @@ def test_storage_dtype_and_manifest(checkpoint, audio_folder, tmp_path, model):
     np.testing.assert_allclose(records["clip-0"]["z"].astype(np.float32), expected["z"],
                                rtol=1e-2, atol=1e-2)
     assert_stats_are_the_records(tmp_path / "out", records)  # of the bfloat16 values as stored
+
+
+def test_a_batch_plan_sets_the_buckets_and_batches(checkpoint, audio_folder, tmp_path, model):
+    """`--batch_plan` (as `plan --batch_plan` writes it) runs its lengths at its batches; the
+    latents are the same as at any other batching."""
+    manifest = tmp_path / "clips.txt"
+    manifest.write_text("".join(f"{audio_folder / name}\n" for name in GOOD[:4]))
+    plan = tmp_path / "batch_plan.json"
+    _batching.write_batch_plan(str(plan), {4: 16, 10: 4}, config=model.config, dtype="float32",
+                               target="v5e:2x4", hbm_fraction=0.9)
+    run_extract("--model_path", checkpoint, "--input", manifest, "--output_dir", tmp_path / "out",
+                "--batch_plan", plan)
+    records = read_records(tmp_path / "out")
+    assert len(records) == 4
+    for name in GOOD[:4]:
+        [expected] = losatok_jax.encode(model, [read_audio(audio_folder / name).samples],
+                                        features=("z",))
+        np.testing.assert_allclose(records[str(audio_folder / name)]["z"], expected["z"],
+                                   rtol=0, atol=1e-5)
 
 
 def test_strict_and_bad_arguments(checkpoint, audio_folder, tmp_path):

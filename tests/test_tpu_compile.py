@@ -2,7 +2,8 @@
 through the real runners (`MeshRunner` over both hosts' chips, `PmapRunner` over one host's) on
 abstract parameters, compiled by the TPU compiler (libtpu) for the compile-only devices of a
 2-host v5e slice. Each program holds no collective and fits a chip's memory with the parameters
-held once.
+held once; a train step's only collectives are all-reduces. The planner's report matches an
+independent compile, and its batch plan holds the largest batch that fits.
 
 libtpu runs in a child process (one process at a time may load it, and a test process that
 never loads it keeps its CPU-only JAX quiet). `.ci/run` installs it, at the version the installed
@@ -78,6 +79,22 @@ SCRIPT = textwrap.dedent(r"""
                 "temp_bytes": memory.temp_size_in_bytes,
                 "output_bytes": memory.output_size_in_bytes,
                 "flops": compiled.cost_analysis().get("flops", 0.0)})
+    # One train step over both hosts' chips, as `train` compiles it (a crop of 1 s per chip).
+    from jax.sharding import NamedSharding, PartitionSpec
+    from losatok_jax import train
+    mesh_of_all = Mesh(np.array(devices), ("data",))
+    replicated = NamedSharding(mesh_of_all, PartitionSpec())
+    state, frozen = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+        jax.eval_shape(lambda m: train.init_train_state(m, train.TrainConfig(), 0),
+                       model.astype("float32")))
+    crops = jax.ShapeDtypeStruct((1, len(devices), 16000), np.float32, sharding=NamedSharding(
+        mesh_of_all, PartitionSpec(None, "data")))
+    step = train.make_train_step(config, train.TrainConfig(), mesh_of_all).lower(
+        state, frozen, crops).compile()
+    report["train_collectives"] = re.findall(
+        r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(",
+        step.as_text())
     print("REPORT " + json.dumps(report))
 """)
 
@@ -96,6 +113,8 @@ def test_tiny_model_compiles_for_a_two_host_v5e_slice():
     report = json.loads(line[len("REPORT "):])
     assert (report["hosts"], report["chips"], report["local"]) == (2, 8, [4, 4])
     assert report["kind"].startswith("TPU v5")
+    # Training's only collectives are all-reduces (the gradients' and the metrics').
+    assert report["train_collectives"] and set(report["train_collectives"]) == {"all-reduce"}
     chip_memory = 16 << 30  # v5e
     for runner in ("mesh", "pmap"):  # both lower and compile on compile-only devices
         programs = report[runner]
@@ -200,3 +219,31 @@ def test_the_plan_matches_an_independent_compile():
         assert planned == pytest.approx(independent, rel=0.02), (operation, tokens, stage)
         if stage != "stack":
             assert memory == pytest.approx(own_memory, rel=0.05), (operation, tokens, stage)
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(filter(None, [COMPILER, str(REPO_ROOT)]))}
+    env.pop("XLA_FLAGS", None)
+    return subprocess.run([sys.executable, "-m", "losatok_jax.plan", "--target", "v5e-8",
+                           "--config_path", str(TINY_CONFIG), "--dtype", "bfloat16", *args],
+                          capture_output=True, text=True, env=env, timeout=900)
+
+
+def test_the_batch_plan_holds_the_largest_batch_that_fits(tmp_path):
+    """`--batch_plan` writes, per encode bucket, a batch whose programs fit the HBM budget while
+    twice that batch does not (the plan refuses it with one error line), and the report says
+    what it found."""
+    budget = "0.0005"  # of a v5e chip's 16 GiB: about 8.6 MB, a few dozen of the tiny rows
+    found = _plan("--operations", "encode", "--buckets", "10", "--hbm_fraction", budget,
+                  "--max_batch", "64", "--batch_plan", str(tmp_path / "batches.json"),
+                  "--json", str(tmp_path / "report.json"))
+    assert found.returncode == 0, found.stderr[-3000:]
+    batch = json.loads((tmp_path / "batches.json").read_text())["encode_batches"]["10"]
+    [row] = json.loads((tmp_path / "report.json").read_text())["programs"]
+    assert row["largest_batch"]["batch_per_chip"] == batch and 8 < batch < 64
+    assert row["largest_batch"]["hbm_bytes_per_chip"] <= float(budget) * (16 << 30)
+    twice = _plan("--operations", "encode", "--buckets", "10", "--hbm_fraction", budget,
+                  "--batch_size", str(2 * batch))
+    assert twice.returncode == 2, twice.stderr[-3000:]
+    assert twice.stderr.splitlines()[-1].startswith("error: encode at 10 tokens needs ")
