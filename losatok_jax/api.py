@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from losatok_jax import _execution, _programs
+from losatok_jax._devices import resolve_device
 from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
 from losatok_jax._execution import Progress
 from losatok_jax.config import LosatokConfig, load_config
@@ -208,26 +209,41 @@ def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array |
 
 
 def load_losatok(path: str | os.PathLike | None = None, *,
-                 config_path: str | os.PathLike | None = None, seed: int = 0,
+                 config_path: str | os.PathLike | None = None,
+                 model_path: str | os.PathLike | None = None,
+                 device: str | jax.Device | None = None, seed: int = 0,
                  dtype: str = "float32") -> Losatok:
-    """Loads a converted checkpoint directory, or builds an untrained model from a config.
+    """Loads a model: upstream's call (`model_path=`, `config_path=`, `device=`) or a converted
+    checkpoint folder as the first argument.
 
-    With `path`, the checkpoint's stored config is used; a `config_path` given as well must agree
-    with it. With only `config_path`, parameters are random (a warning says so), as upstream does
-    when no weights are given. `dtype` "bfloat16" gives `model.astype("bfloat16")` (see Losatok).
+    `model_path` (or `path`) is a converted checkpoint folder or upstream's `.pth` (converted once
+    into `<name>.orbax/` beside it, then reused). A checkpoint's stored config is used; a
+    `config_path` given as well must agree with it (for a `.pth`, it is the config the conversion
+    applies). With only `config_path`, parameters are random (a warning says so), as upstream
+    does when no weights are given. `device` ("cpu", "cuda"/"gpu", "tpu", optionally ":index", or
+    a `jax.Device`) is where the parameters are placed; default: JAX's default device.
+    `dtype` "bfloat16" gives `model.astype("bfloat16")` (see Losatok).
     """
-    from losatok_jax import checkpoint  # Orbax's import is slow: paid only when loading
+    from losatok_jax import _model_source, checkpoint  # Orbax's import is slow: paid on loading
 
+    if path is not None and model_path is not None:
+        raise ValueError("load_losatok takes the checkpoint once: as its first argument or as "
+                         "model_path=, not both")
+    path = model_path if path is None else path
     dtype = _dtype_name(dtype)
+    placement = resolve_device(device)
     if path is not None:
+        _model_source.check_exists(str(path), "model_path")
+        path, config_path = _model_source.resolve(str(path), config_path)
         model = checkpoint.load(path)
         if config_path is not None:
             checkpoint.check_same_config(load_config(config_path), model.config, config_path, path)
-        return model if dtype == "float32" else model.astype(dtype)
-    if config_path is None:
-        raise ValueError("load_losatok needs a checkpoint directory or a config_path")
-    config = load_config(config_path)
-    warnings.warn("no checkpoint given: LoSATok is randomly initialised and untrained",
-                  stacklevel=2)
-    model = Losatok(init_params(config, jax.random.key(seed)), config)
-    return model if dtype == "float32" else model.astype(dtype)
+    elif config_path is None:
+        raise ValueError("load_losatok needs a checkpoint (model_path) or a config_path")
+    else:
+        config = load_config(config_path)
+        warnings.warn("no checkpoint given: LoSATok is randomly initialised and untrained",
+                      stacklevel=2)
+        model = Losatok(init_params(config, jax.random.key(seed)), config)
+    model = model if dtype == "float32" else model.astype(dtype)
+    return model if placement is None else jax.device_put(model, placement)

@@ -42,6 +42,11 @@ class Losatok:
         object.__setattr__(self, "dtype", _dtype_name(self.dtype))
 
     @property
+    def sample_rate(self) -> int:
+        """The audio rate the model takes and gives (16 kHz for the released model)."""
+        return self.config.sample_rate
+
+    @property
     def module(self) -> AudioVAE:
         return AudioVAE(self.config, dtype=self.dtype)
 

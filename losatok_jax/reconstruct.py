@@ -18,8 +18,6 @@ second run compiles nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -28,53 +26,15 @@ import jax
 import numpy as np
 
 from losatok_jax import _cli, _files, _model_source, _torch_format, audio_io, compilation
+from losatok_jax._devices import PLATFORMS, select_platform
 from losatok_jax.api import as_audio_batch, load_losatok, reconstruct
 from losatok_jax.config import RELEASED_CONFIG, SAMPLE_RATE, ConfigError
-from losatok_jax.errors import LosatokError
 from losatok_jax.model import COMPUTE_DTYPES, FEATURE_KEYS
 
-# --device values, upstream's spelling ("cuda") included, and the JAX platform each means.
-PLATFORMS = {"cpu": "cpu", "cuda": "gpu", "gpu": "gpu", "tpu": "tpu"}
-# What each accelerator platform needs installed, and the command that installs it.
-_SUPPORT = {"gpu": ("a GPU", "pip install 'losatok-jax[gpu]'"),
-            "tpu": ("a TPU", "pip install 'losatok-jax[tpu]'")}
 FEATURE_FORMATS = (".npz", ".pt")
 OUTPUT_FORMAT = ".wav"
 # Inputs longer than this show a progress line while they are encoded and decoded.
 PROGRESS_SECONDS = 60.0
-
-
-class DeviceError(LosatokError):
-    """The requested JAX platform cannot be used on this machine."""
-
-
-def _has_support(platform: str) -> bool:
-    """Whether JAX's plugin (GPU) or libtpu (TPU) for `platform` is installed."""
-    if platform == "tpu":
-        return importlib.util.find_spec("libtpu") is not None
-    return any((dist.metadata["Name"] or "").lower().startswith(("jax-cuda", "jax-rocm"))
-               for dist in importlib.metadata.distributions())
-
-
-def select_device(name: str) -> None:
-    """Pins JAX to the platform `--device name` means; must run before the first computation."""
-    platform = PLATFORMS[name]
-    previous = jax.config.jax_platforms
-    jax.config.update("jax_platforms", platform)
-    try:
-        jax.devices(platform)
-    except RuntimeError as e:
-        jax.config.update("jax_platforms", previous)  # leave an in-process caller's JAX usable
-        what, install = _SUPPORT[platform]
-        if not _has_support(platform):
-            reason = (f"this JAX ({jax.__version__}) is installed without {platform.upper()} "
-                      f"support; install it with: {install}")
-        else:
-            # JAX's own advice (set JAX_PLATFORMS='') means "omit --device" here.
-            jax_reason = " ".join(str(e).split()).split(" (set JAX_PLATFORMS")[0]
-            reason = f"JAX finds no usable {platform.upper()} ({jax_reason})"
-        raise DeviceError(f"--device {name}: cannot run on {what}: {reason}; or omit --device "
-                          "to run where JAX can") from None
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -157,7 +117,7 @@ class _Progress:
 
 def _run(args: argparse.Namespace) -> None:
     if args.device is not None:
-        select_device(args.device)
+        select_platform(args.device)
     # Inputs first, then outputs (checked without writing), then the slow work.
     audio_io.check_readable(args.input_path)
     _model_source.check_exists(args.model_path)

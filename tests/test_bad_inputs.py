@@ -21,12 +21,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from losatok_jax import _batching, _cli, _shards, convert, decode, extract, plan, reconstruct, train
+from losatok_jax import (_batching, _cli, _shards, convert, extract, latents_to_wav, plan,
+                         reconstruct, train)
 from losatok_jax.config import RELEASED_CONFIG, load_config
 from losatok_jax.errors import Note
 
 GOLDEN = Path(__file__).resolve().parent / "data" / "golden" / "tiny_chunk40"
-TOOLS = {"reconstruct": reconstruct.main, "extract": extract.main, "decode": decode.main,
+TOOLS = {"reconstruct": reconstruct.main, "extract": extract.main, "decode": latents_to_wav.main,
          "convert": convert.main, "train": train.main, "plan": plan.main}
 # A folder no user, root included, can create anything in (sysfs).
 UNWRITABLE = "/sys/losatok-output"

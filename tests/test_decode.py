@@ -1,4 +1,4 @@
-"""`python -m losatok_jax.decode`: latents in every form a trainer holds them, back to WAVs equal to
+"""`python -m losatok_jax.latents_to_wav`: latents in every form a trainer holds them, back to WAVs equal to
 the Python `decode`; bad input is one error line and leaves nothing behind."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import soundfile as sf
 
 import losatok_jax
 from losatok_jax import _shards, data
-from losatok_jax.decode import main
+from losatok_jax.latents_to_wav import main
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -150,7 +150,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(checkpoint, model, laten
 
 def test_entry_point(checkpoint, latents, tmp_path):
     np.save(tmp_path / "z.npy", latents[1])
-    result = subprocess.run([sys.executable, "-m", "losatok_jax.decode", "--model_path",
+    result = subprocess.run([sys.executable, "-m", "losatok_jax.latents_to_wav", "--model_path",
                              str(checkpoint), "--input", "z.npy", "--output_dir", "wavs"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +39,24 @@ def test_training_example_runs(golden_checkpoint, tmp_path):
     assert namespace["generated"].shape == (namespace["TOKENS"], 16)
 
 
-def test_python_api_example_runs(golden_checkpoint):
-    """The API block, on the tiny golden checkpoint and the bundled speech file."""
-    [block] = [b for b in python_blocks() if "load_losatok(" in b]
-    block = block.replace('"ckpts/losatok_kl1e-2"', repr(str(golden_checkpoint("tiny_chunk40"))))
-    block = block.replace('"speech.flac"', repr(str(README.parent / "examples" / "speech.wav")))
+def test_python_api_example_runs(golden_checkpoint, tmp_path):
+    """The API blocks, in order in one namespace: upstream's call on the tiny golden `.pth` and
+    its config (on the CPU), then the rest on the converted golden checkpoint and the bundled
+    speech file."""
+    upstream, api = [b for b in python_blocks() if "load_losatok(" in b]
+    golden = README.parent / "tests" / "data" / "golden" / "tiny_chunk40"
+    shutil.copy(golden / "losatok.pth", tmp_path / "losatok.pth")
+    speech = repr(str(README.parent / "examples" / "speech.wav"))
+    upstream = (upstream.replace('"config/16k_16k_25Hz_losatok.yml"',
+                                 repr(str(golden / "config.yml")))
+                .replace('"ckpts/losatok_kl1e-3.pth"', repr(str(tmp_path / "losatok.pth")))
+                .replace('device="cuda"', 'device="cpu"').replace('"example/en.wav"', speech))
+    api = api.replace('"ckpts/losatok_kl1e-2"', repr(str(golden_checkpoint("tiny_chunk40"))))
+    api = api.replace('"speech.flac"', speech)
     namespace = {}
-    exec(compile(block, "<README.md API example>", "exec"), namespace)
+    exec(compile(upstream, "<README.md upstream example>", "exec"), namespace)
+    assert namespace["audio_recon"].shape == (1, 640 * namespace["features"]["z"].shape[1])
+    exec(compile(api, "<README.md API example>", "exec"), namespace)
     tokens = namespace["features"]["z"].shape[1]
     assert namespace["recon"].shape == (1, 640 * tokens)
     assert [len(w) for w in namespace["waves"]] == [640 * len(f["z"])

@@ -1,6 +1,6 @@
 """Decode latents back to audio, from the shell: generated latents, or an extraction's records.
 
-    python -m losatok_jax.decode --model_path ckpts/losatok_kl1e-2 --input generated.npy \
+    python -m losatok_jax.latents_to_wav --model_path ckpts/losatok_kl1e-2 --input generated.npy \
         --output_dir wavs/ [--normalized latents/] [--ids a.wav,b.wav]
 
 INPUT is a `.npy` of (T, D) or (B, T, D) latents, an `.npz` holding `z`, a folder of those
@@ -136,7 +136,7 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _cli.Parser("decode", __doc__.split("\n\n")[0])
+    parser = _cli.Parser("latents_to_wav", __doc__.split("\n\n")[0])
     parser.add_argument("--model_path", required=True, help=_model_source.MODEL_HELP)
     parser.add_argument("--config_path", default=None, help=_model_source.CONFIG_HELP)
     parser.add_argument("--input", required=True,
