@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from losatok_jax import _cli, _files, _key_mapping, _torch_format, checkpoint
+from losatok_jax import _cli, _files, _key_mapping, _model_source, _torch_format, checkpoint
 from losatok_jax.config import RELEASED_CONFIG, LosatokConfig, from_upstream_yaml
 from losatok_jax.errors import LosatokError
 
@@ -214,16 +214,19 @@ def _parser() -> argparse.ArgumentParser:
     parser = _cli.Parser("convert", __doc__.split("\n\n")[0])
     parser.add_argument("--config_path", default=RELEASED_CONFIG,
                         help=f"upstream YAML config (default: the released {RELEASED_CONFIG})")
-    parser.add_argument("--model_path", required=True, help="upstream LoSATok .pth checkpoint")
+    parser.add_argument("--model_path", required=True,
+                        help="upstream LoSATok .pth checkpoint, or hf://OWNER/REPO/FILE.pth")
     parser.add_argument("--semantic_encoder_path", default=None,
-                        help="semantic_encoder.pth, or a MiDashengLM safetensors folder")
+                        help="semantic_encoder.pth (or hf://OWNER/REPO/FILE.pth), or a "
+                             "MiDashengLM safetensors folder")
     parser.add_argument("--output_dir", required=True, help="new directory for the checkpoint")
     return parser
 
 
 def _run(args: argparse.Namespace) -> None:
-    config = convert(args.config_path, args.model_path, args.output_dir,
-                     args.semantic_encoder_path)
+    config = convert(args.config_path, _model_source.local_file(args.model_path, "--model_path"),
+                     args.output_dir, _model_source.local_file(args.semantic_encoder_path,
+                                                               "--semantic_encoder_path"))
     print(f"wrote {args.output_dir}")
     print(json.dumps(config.to_dict(), sort_keys=True))
 
