@@ -145,13 +145,13 @@ def jax_tokens_computed(config, operation: str, tokens: int, b=None) -> int | No
     `tokens` (padding and decoder halos included), or None when unknown; upstream computes
     exactly `tokens`."""
     from losatok_jax import DEFAULT_BUCKETS
-    from losatok_jax._batching import decode_rows, encode_pieces
+    from losatok_jax._batching import encode_pieces, plan_decode_rows
 
     b = b or DEFAULT_BUCKETS
     if operation == "encode":
         return sum(b.encode_length(config, p.count) for p in encode_pieces(config, 0, tokens))
     if operation == "decode":
-        return sum(row.length for row in decode_rows(config, b, [tokens]))
+        return sum(row.length for row in plan_decode_rows(config, b, [tokens]))
     return None
 
 

@@ -290,7 +290,8 @@ def pack_decode_rows(config: LosatokConfig, buckets: Buckets, pieces: Sequence[P
     return [Row(buckets.length(fill), tuple(row)) for fill, row in zip(fills, members)]
 
 
-def decode_rows(config: LosatokConfig, buckets: Buckets, lengths: Sequence[int]) -> list[Row]:
+def plan_decode_rows(config: LosatokConfig, buckets: Buckets,
+                     lengths: Sequence[int]) -> list[Row]:
     """The rows that decode clips of `lengths` latents: every clip's windows, packed."""
     pieces = [p for i, n in enumerate(lengths) for p in decode_pieces(config, buckets, i, n)]
     return pack_decode_rows(config, buckets, pieces)

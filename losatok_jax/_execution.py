@@ -123,7 +123,7 @@ def decode_latents(runner: Runner, latents: list[np.ndarray], buckets: Buckets,
     c = runner.model.config
     hop = c.samples_per_token
     outputs = _Outputs([len(z) * hop for z in latents])
-    packed = _batching.decode_rows(c, buckets, [len(z) for z in latents])
+    packed = _batching.plan_decode_rows(c, buckets, [len(z) for z in latents])
     batches = [(length, group, size) for length, members in _by_length(packed, lambda r: r.length)
                for group, size in buckets.batch_groups(members, length, runner.num_devices)]
     report = _Report(progress, "decoding", len(batches))

@@ -11,13 +11,13 @@ import json
 from pathlib import Path
 
 from losatok_jax import _files
+from losatok_jax._hub import hub_file, is_hub_reference
 from losatok_jax.config import RELEASED_CONFIG
-from losatok_jax.errors import LosatokError, one_line, require
+from losatok_jax.errors import LosatokError
 
 UPSTREAM_SUFFIXES = (".pth", ".pt", ".bin")
 CONVERTED_SUFFIX = ".orbax"
 SOURCE_FILE = "converted_from.json"
-HUB_PREFIX = "hf://"
 MODEL_HELP = ("converted checkpoint folder, or upstream's .pth (converted once into "
               "<name>.orbax/ beside it, then reused), or a .pth on the Hugging Face Hub: "
               "hf://OWNER/REPO[@REVISION]/FILE.pth")
@@ -27,40 +27,6 @@ CONFIG_HELP = (f"upstream YAML config (default: the released {RELEASED_CONFIG}, 
 
 def is_upstream_checkpoint(path: str | Path) -> bool:
     return Path(str(path)).suffix.lower() in UPSTREAM_SUFFIXES
-
-
-def is_hub_reference(path: str | Path | None) -> bool:
-    return path is not None and str(path).startswith(HUB_PREFIX)
-
-
-def hub_file(reference: str, flag: str = "--model_path") -> Path:
-    """The local copy of a Hub file `hf://OWNER/REPO[@REVISION]/PATH`: downloaded into the
-    Hugging Face cache on first use (with its progress bar), the cached copy afterwards; with
-    HF_HUB_OFFLINE=1, the cached copy or an error saying what to download."""
-    parts = reference[len(HUB_PREFIX):].split("/", 2)
-    if len(parts) < 3 or not all(parts):
-        raise LosatokError(f"{flag} {reference}: a Hub file is hf://OWNER/REPO[@REVISION]/FILE")
-    owner, name, filename = parts
-    name, _, revision = name.partition("@")
-    repo = f"{owner}/{name}"
-    hub = require("huggingface_hub", "hub", "reading checkpoints from the Hugging Face Hub")
-    from huggingface_hub import errors as hub_errors
-
-    try:
-        return Path(hub.hf_hub_download(repo, filename, revision=revision or None))
-    except hub_errors.LocalEntryNotFoundError:
-        raise LosatokError(
-            f"{flag} {reference}: not in the Hugging Face cache, and the Hub cannot be reached "
-            f"(HF_HUB_OFFLINE is set, or no network): download it where there is a network "
-            f"(hf download {repo} {filename}) into the same HF_HOME") from None
-    except (hub_errors.HfHubHTTPError, OSError) as e:
-        raise LosatokError(f"{flag} {reference}: cannot download it: "
-                           f"{one_line(e).split(' (Request ID')[0]}") from None
-
-
-def local_file(path: str | None, flag: str) -> str | None:
-    """A file argument that may be a Hub reference, as a local path."""
-    return str(hub_file(path, flag)) if is_hub_reference(path) else path
 
 
 def resolve(model_path: str | None, config_path: str | None) -> tuple[str | None, str | None]:

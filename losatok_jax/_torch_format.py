@@ -23,14 +23,14 @@ import ml_dtypes
 import numpy as np
 
 # torch's storage classes (as pickled by name) <-> numpy dtypes.
-STORAGE_DTYPES = {
+TORCH_STORAGE_TYPES = {
     "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
     "HalfStorage": np.dtype(np.float16), "BFloat16Storage": np.dtype(ml_dtypes.bfloat16),
     "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
     "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
     "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
 }
-_STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
+_STORAGE_NAMES = {dtype: name for name, dtype in TORCH_STORAGE_TYPES.items()}
 
 
 class TorchFormatError(ValueError):
@@ -106,8 +106,8 @@ class _Unpickler(pickle.Unpickler):
             return _rebuild_tensor
         if (module, name) == ("torch._utils", "_rebuild_parameter"):
             return lambda data, requires_grad, hooks: data
-        if module == "torch" and name in STORAGE_DTYPES:
-            return STORAGE_DTYPES[name]
+        if module == "torch" and name in TORCH_STORAGE_TYPES:
+            return TORCH_STORAGE_TYPES[name]
         raise TorchFormatError(f"unexpected object {module}.{name} in the checkpoint")
 
     def persistent_load(self, pid):

@@ -27,7 +27,7 @@ from typing import Mapping
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from losatok_jax import _cli, _files, _key_mapping, _model_source, _torch_format, checkpoint
+from losatok_jax import _cli, _files, _hub, _key_mapping, _torch_format, checkpoint
 from losatok_jax.config import RELEASED_CONFIG, LosatokConfig, from_upstream_yaml
 from losatok_jax.errors import LosatokError
 
@@ -224,8 +224,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    config = convert(args.config_path, _model_source.local_file(args.model_path, "--model_path"),
-                     args.output_dir, _model_source.local_file(args.semantic_encoder_path,
+    config = convert(args.config_path, _hub.local_file(args.model_path, "--model_path"),
+                     args.output_dir, _hub.local_file(args.semantic_encoder_path,
                                                                "--semantic_encoder_path"))
     print(f"wrote {args.output_dir}")
     print(json.dumps(config.to_dict(), sort_keys=True))

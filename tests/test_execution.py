@@ -204,7 +204,7 @@ def packed_latents(model):
 def test_packed_decode_rows_equal_each_clip_alone(model):
     c = model.config
     latents = packed_latents(model)
-    rows = _batching.decode_rows(c, SMALL, [len(z) for z in latents])
+    rows = _batching.plan_decode_rows(c, SMALL, [len(z) for z in latents])
     shared = [row.pieces for row in rows if len(row.pieces) > 1]
     assert len(shared) == 2 and any(p.source > 0 for row in shared for p, _ in row)
     for z, audio in zip(latents, losatok_jax.api.decode(model, latents, buckets=SMALL)):

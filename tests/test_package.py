@@ -42,6 +42,21 @@ def test_no_import_cycle_in_the_package():
         visit(name, [])
 
 
+def test_no_module_imports_one_below_it_in_the_architecture_table():
+    """docs/architecture.md lists every module of the package in an order that its imports
+    (at the top or inside functions) never go down."""
+    text = (REPO / "docs" / "architecture.md").read_text()
+    layout = text[text.index("## Code layout"):]
+    rows = re.findall(r"^\| (`[a-z_]+\.py`(?:, `[a-z_]+\.py`)*) \|", layout, re.M)
+    row_of = {f"losatok_jax.{name}": i for i, row in enumerate(rows)
+              for name in re.findall(r"`([a-z_]+)\.py`", row)}
+    modules = {f"losatok_jax.{p.stem}": p for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert sorted(row_of) == sorted(modules)
+    for name, path in modules.items():
+        for imported in _imports(path) & set(modules):
+            assert row_of[imported] <= row_of[name], f"{name} imports {imported}, below it"
+
+
 def test_no_module_swaps_its_class():
     for path in PACKAGE.rglob("*.py"):
         assert "__class__ =" not in path.read_text(), path
