@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import losatok_jax
-from conftest import GOLDEN_DIR, broadband_audio, lowered_layers
+from helpers import GOLDEN_DIR, broadband_audio, lowered_layers
 from losatok_jax import FEATURE_KEYS, _programs, encode
 from losatok_jax.api import decode, reconstruct
 

@@ -7,7 +7,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 import losatok_jax
-from conftest import GOLDEN_CASES, GOLDEN_DIR, in_out_kernels
+from helpers import GOLDEN_CASES, GOLDEN_DIR, in_out_kernels
 from losatok_jax import ConfigError, LosatokConfig, checkpoint, load_config
 
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from conftest import GOLDEN_DIR
+from helpers import GOLDEN_DIR
 from losatok_jax.config import (RELEASED_CONFIG, ConfigError, LosatokConfig, from_upstream_yaml,
                                 load_config, packaged_config, resolve_config_path)
 

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 import losatok_jax
 import torch_oracle
-from conftest import GOLDEN_DIR, TINY_SIZES, run_converter, write_upstream_config
+from helpers import GOLDEN_DIR, TINY_SIZES, run_converter, write_upstream_config
 
 CASE_DIR = GOLDEN_DIR / "tiny_chunk40"
 FB_KEY = torch_oracle.ACOUSTIC_FB_KEY

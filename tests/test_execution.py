@@ -14,7 +14,7 @@ import logging
 import jax
 import numpy as np
 import pytest
-from conftest import broadband_audio
+from helpers import broadband_audio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

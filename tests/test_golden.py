@@ -9,17 +9,8 @@ import numpy as np
 import pytest
 
 import losatok_jax
-from conftest import GOLDEN_CASES
+from helpers import GOLDEN_CASES, TOLERANCES
 
-EMBEDDING_TOL, AUDIO_TOL, LOGMEL_TOL = 1e-4, 1e-5, 1e-3
-TOLERANCES = {
-    **{name: EMBEDDING_TOL for name in (*losatok_jax.FEATURE_KEYS, "semantic_encoder_out",
-                                        "sembo_recon")},
-    "semantic_logmel": LOGMEL_TOL,
-    "acoustic_logmel": LOGMEL_TOL,
-    "recon_audio": AUDIO_TOL,
-    "decode_z_random": AUDIO_TOL,
-}
 # Arrays in vectors.npz that are inputs or training losses, not outputs of the inference port.
 NOT_PRODUCED = {"audio", "z_random", "kl_clamp", "kl_loss", "semantic_loss_both",
                 "sembo_mse_loss", "sembo_relation_loss"}

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 import losatok_jax
-from conftest import GOLDEN_CASES
-from test_golden import TOLERANCES
+from helpers import GOLDEN_CASES
+from helpers import TOLERANCES
 
 
 def _gpu():

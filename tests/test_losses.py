@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import GOLDEN_CASES, broadband_audio
+from helpers import GOLDEN_CASES, broadband_audio
 from losatok_jax import losses
 
 RTOL = 1e-4  # the golden README's tolerance for losses

@@ -15,7 +15,7 @@ import pytest
 
 import losatok_jax
 import torch_oracle
-from conftest import TINY_SIZES, broadband_audio
+from helpers import TINY_SIZES, broadband_audio
 
 EMBEDDING_TOL, AUDIO_TOL, LOGMEL_TOL = 1e-4, 1e-5, 1e-3
 TOLERANCES = {

@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import broadband_audio, lowered_layers
+from helpers import broadband_audio, lowered_layers
 
 import losatok_jax
 from losatok_jax import FEATURE_KEYS, encode

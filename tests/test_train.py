@@ -21,28 +21,10 @@ import optax
 import pytest
 import soundfile as sf
 
-from losatok_jax import Losatok, LosatokConfig, checkpoint, init_params, load_losatok, train
+from helpers import CLIP_SAMPLES, STEP_CONFIG, TINY, moments_and_metrics, synthetic_clips
+from losatok_jax import Losatok, checkpoint, init_params, load_losatok, train
 
-TINY = LosatokConfig.from_dict(dict(
-    embed_dim=64, decoder_dim=16, decoder_embed_dim=64, decoder_intermediate_size=128,
-    decoder_depth=2, semantic=dict(embed_dim=64, depth=2, num_heads=4, target_length=40)))
-CLIP_SAMPLES = 7680  # 0.48 s: 12 latent frames
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# One step with a non-zero learning rate from the start; the acoustic encoder stays frozen.
-STEP_CONFIG = train.TrainConfig(steps=10, learning_rate=1e-3, warmup_steps=0,
-                                trainable=("vae_head", "decoder"))
-
-
-def synthetic_clips(count: int, num_samples: int, seed: int) -> np.ndarray:
-    """Harmonic tones (random pitch, phase and tremolo) over faint noise, peak 0.1: (count, N)."""
-    rng = np.random.default_rng(seed)
-    t = np.arange(num_samples) / 16000
-    f0 = rng.uniform(100, 400, (count, 1))
-    tone = sum(np.sin(2 * np.pi * k * f0 * t + rng.uniform(0, 2 * np.pi, (count, 1))) / k
-               for k in (1, 2, 3))
-    tone *= 0.6 + 0.4 * np.sin(2 * np.pi * rng.uniform(1, 4, (count, 1)) * t)
-    clips = 0.1 * tone / np.abs(tone).max(axis=1, keepdims=True)
-    return (clips + 0.003 * rng.standard_normal(clips.shape)).astype(np.float32)
 
 
 def flat(tree) -> dict:
@@ -166,7 +148,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import sys
     import jax, numpy as np
     sys.path.insert(0, "tests")
-    from test_train import CLIP_SAMPLES, STEP_CONFIG, TINY, synthetic_clips, moments_and_metrics
+    from helpers import CLIP_SAMPLES, STEP_CONFIG, TINY, synthetic_clips, moments_and_metrics
     from losatok_jax import Losatok, init_params, train
 
     mesh = train.data_mesh()
@@ -178,13 +160,6 @@ SHARDED_SCRIPT = textwrap.dedent("""
     state, metrics = train.make_train_step(TINY, STEP_CONFIG, mesh)(state, frozen, batch)
     np.savez(sys.argv[1], **moments_and_metrics(state, metrics))
 """)
-
-
-def moments_and_metrics(state, metrics) -> dict[str, np.ndarray]:
-    """Adam's first moments (by parameter path) and the metrics of a state after one step."""
-    moments = flat(jax.device_get(optax.tree_utils.tree_get(state.opt_state, "mu")))
-    return {**{"/".join(path): leaf for path, leaf in moments.items()},
-            **{f"metric:{key}": value for key, value in jax.device_get(metrics).items()}}
 
 
 def test_data_parallel_step_equals_single_device(model, mesh, clips, tmp_path):
