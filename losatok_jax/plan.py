@@ -289,7 +289,7 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from losatok_jax import train as training
+    from losatok_jax import training
     from losatok_jax.runners import DATA_AXIS, stacked_weights
 
     devices, model, _ = _slice(config, target, "float32")

@@ -13,7 +13,7 @@ import optax
 import yaml
 
 import losatok_jax
-from losatok_jax import LosatokConfig, _programs, convert, train
+from losatok_jax import LosatokConfig, _programs, convert, training
 from losatok_jax.runners import CPU_MATMUL_ROWS
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -135,7 +135,7 @@ TINY = LosatokConfig.from_dict(dict(
     decoder_depth=2, semantic=dict(embed_dim=64, depth=2, num_heads=4, target_length=40)))
 CLIP_SAMPLES = 7680  # 0.48 s: 12 latent frames
 # One step with a non-zero learning rate from the start; the acoustic encoder stays frozen.
-STEP_CONFIG = train.TrainConfig(steps=10, learning_rate=1e-3, warmup_steps=0,
+STEP_CONFIG = training.TrainConfig(steps=10, learning_rate=1e-3, warmup_steps=0,
                                 trainable=("vae_head", "decoder"))
 
 

@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent(r"""
                 "flops": compiled.cost_analysis().get("flops", 0.0)})
     # One train step over both hosts' chips, as `train` compiles it (a crop of 1 s per chip).
     from jax.sharding import NamedSharding, PartitionSpec
-    from losatok_jax import train
+    from losatok_jax import training as train
     mesh_of_all = Mesh(np.array(devices), ("data",))
     replicated = NamedSharding(mesh_of_all, PartitionSpec())
     state, frozen = jax.tree.map(

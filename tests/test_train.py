@@ -22,7 +22,7 @@ import pytest
 import soundfile as sf
 
 from helpers import CLIP_SAMPLES, STEP_CONFIG, TINY, moments_and_metrics, synthetic_clips
-from losatok_jax import Losatok, checkpoint, init_params, load_losatok, train
+from losatok_jax import Losatok, checkpoint, init_params, load_losatok, train, training
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def mesh():
-    return train.data_mesh()
+    return training.data_mesh()
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def clips():
 
 
 def fresh_state(model, train_config, mesh, seed=0):
-    state, frozen = train.init_train_state(model, train_config, seed)
-    return train.replicate(state, mesh), train.replicate(frozen, mesh)
+    state, frozen = training.init_train_state(model, train_config, seed)
+    return training.replicate(state, mesh), training.replicate(frozen, mesh)
 
 
 @pytest.mark.parametrize("groups, owned", [
@@ -57,12 +57,12 @@ def fresh_state(model, train_config, mesh, seed=0):
     (("decoder",), {("dasheng_tokenizer", "upsampler"), ("dasheng_tokenizer", "decoder")}),
 ])
 def test_split_params_by_group(model, groups, owned):
-    trainable, frozen = train.split_params(model.params, groups)
+    trainable, frozen = training.split_params(model.params, groups)
     depth = len(next(iter(owned)))
     assert {path[:depth] for path in flat(trainable)} == owned
     assert not any(path[:depth] in owned for path in flat(frozen))
     assert any(path[0] == "semantic_encoder" for path in flat(frozen))
-    merged = flat(train.merge_params(trainable, frozen))
+    merged = flat(training.merge_params(trainable, frozen))
     assert merged.keys() == flat(model.params).keys()
     assert all(merged[path] is leaf for path, leaf in flat(model.params).items())
 
@@ -70,7 +70,7 @@ def test_split_params_by_group(model, groups, owned):
 @pytest.mark.parametrize("trainable", [(), ("semantic_encoder",), ("decoder", "vocoder")])
 def test_train_config_rejects_unknown_groups(trainable):
     with pytest.raises(ValueError, match="trainable must be a non-empty subset"):
-        train.TrainConfig(trainable=trainable)
+        training.TrainConfig(trainable=trainable)
 
 
 def test_gradients_reach_only_the_trainable_parts(model, mesh, clips):
@@ -78,8 +78,8 @@ def test_gradients_reach_only_the_trainable_parts(model, mesh, clips):
     assert {path[0] for path in flat(state.params)} == {"fc_a", "fc_mu", "fc_logvar",
                                                         "dasheng_tokenizer"}
     assert not any(path[:2] == ("dasheng_tokenizer", "encoder") for path in flat(state.params))
-    step = train.make_train_step(TINY, STEP_CONFIG, mesh)
-    state, metrics = step(state, frozen, train.shard_batch(clips, 1, mesh))
+    step = training.make_train_step(TINY, STEP_CONFIG, mesh)
+    state, metrics = step(state, frozen, training.shard_batch(clips, 1, mesh))
     assert int(state.step) == 1 and np.isfinite(float(metrics["loss"]))
 
     # The optimizer state covers the trainable leaves only; Adam's first moment after one step is
@@ -92,7 +92,7 @@ def test_gradients_reach_only_the_trainable_parts(model, mesh, clips):
     sizes = [leaf.size for leaf in jax.tree.leaves(state.opt_state)]
     assert sum(sizes) - 2 * sum(leaf.size for leaf in jax.tree.leaves(state.params)) < 10
 
-    after = flat(jax.device_get(train.merge_params(state.params, frozen)))
+    after = flat(jax.device_get(training.merge_params(state.params, frozen)))
     trainable = flat(state.params)
     for path, leaf in flat(model.params).items():
         assert np.array_equal(after[path], leaf) == (path not in trainable), path
@@ -110,11 +110,11 @@ def largest_moment_difference(state_a, state_b) -> float:
 
 def test_gradient_accumulation_equals_one_large_batch(model, mesh, clips):
     """Two micro-batches of 4 give the loss and gradients of one batch of 8."""
-    step = train.make_train_step(TINY, STEP_CONFIG, mesh)
+    step = training.make_train_step(TINY, STEP_CONFIG, mesh)
     results = []
     for grad_accum in (1, 2):
         state, frozen = fresh_state(model, STEP_CONFIG, mesh)
-        results.append(step(state, frozen, train.shard_batch(clips, grad_accum, mesh)))
+        results.append(step(state, frozen, training.shard_batch(clips, grad_accum, mesh)))
     (state_1, metrics_1), (state_2, metrics_2) = results
     for key in metrics_1:
         # grad_norm sums gradients whose float32 rounding depends on the micro-batch size
@@ -129,10 +129,10 @@ def test_gradient_accumulation_equals_one_large_batch(model, mesh, clips):
 
 def test_overfits_eight_clips(model, mesh, clips):
     """Reconstruction (mel + STFT) loss falls by at least half within 200 CPU steps."""
-    config = train.TrainConfig(steps=200, learning_rate=3e-3, warmup_steps=10)
+    config = training.TrainConfig(steps=200, learning_rate=3e-3, warmup_steps=10)
     state, frozen = fresh_state(model, config, mesh)
-    step = train.make_train_step(TINY, config, mesh)
-    batch = train.shard_batch(clips, 1, mesh)
+    step = training.make_train_step(TINY, config, mesh)
+    batch = training.shard_batch(clips, 1, mesh)
     recon = []
     for _ in range(config.steps):
         state, metrics = step(state, frozen, batch)
@@ -149,15 +149,15 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, "tests")
     from helpers import CLIP_SAMPLES, STEP_CONFIG, TINY, synthetic_clips, moments_and_metrics
-    from losatok_jax import Losatok, init_params, train
+    from losatok_jax import Losatok, init_params, training
 
-    mesh = train.data_mesh()
+    mesh = training.data_mesh()
     model = Losatok(init_params(TINY, jax.random.key(0)), TINY)
-    state, frozen = train.init_train_state(model, STEP_CONFIG, 0)
-    state, frozen = train.replicate(state, mesh), train.replicate(frozen, mesh)
-    batch = train.shard_batch(synthetic_clips(8, CLIP_SAMPLES, seed=0), 1, mesh)
+    state, frozen = training.init_train_state(model, STEP_CONFIG, 0)
+    state, frozen = training.replicate(state, mesh), training.replicate(frozen, mesh)
+    batch = training.shard_batch(synthetic_clips(8, CLIP_SAMPLES, seed=0), 1, mesh)
     assert len(batch.sharding.device_set) == 2
-    state, metrics = train.make_train_step(TINY, STEP_CONFIG, mesh)(state, frozen, batch)
+    state, metrics = training.make_train_step(TINY, STEP_CONFIG, mesh)(state, frozen, batch)
     np.savez(sys.argv[1], **moments_and_metrics(state, metrics))
 """)
 
@@ -176,8 +176,8 @@ def test_data_parallel_step_equals_single_device(model, mesh, clips, tmp_path):
     sharded = np.load(tmp_path / "sharded.npz")
 
     state, frozen = fresh_state(model, STEP_CONFIG, mesh)
-    single = moments_and_metrics(*train.make_train_step(TINY, STEP_CONFIG, mesh)(
-        state, frozen, train.shard_batch(clips, 2, mesh)))
+    single = moments_and_metrics(*training.make_train_step(TINY, STEP_CONFIG, mesh)(
+        state, frozen, training.shard_batch(clips, 2, mesh)))
     assert set(sharded.files) == set(single)
     for key, value in single.items():
         if key.startswith("metric:"):
@@ -271,14 +271,14 @@ def assert_same_rows(resumed: list[dict], uninterrupted: list[dict], from_step: 
 
 
 def _fail_at_step(monkeypatch, step, error):
-    original = train.CropSampler.batch
+    original = training.CropSampler.batch
 
     def batch(self, index):
         if index == step - 1:
             raise error
         return original(self, index)
 
-    monkeypatch.setattr(train.CropSampler, "batch", batch)
+    monkeypatch.setattr(training.CropSampler, "batch", batch)
 
 
 def test_crashed_run_resumes_to_the_same_losses(full_run, init_checkpoint, data_dir, tmp_path,
@@ -359,9 +359,9 @@ def test_crops_are_a_function_of_seed_and_step():
     # Clip j holds j·10000 + 1, 2, ...: a crop's first sample names its clip and offset.
     clips = [j * 10000 + np.arange(1, n + 1, dtype=np.float32)
              for j, n in enumerate((1000, 3000, 500))]
-    sampler = train.CropSampler(clips, 800, batch_size=4, seed=1)
+    sampler = training.CropSampler(clips, 800, batch_size=4, seed=1)
     rows = np.concatenate([sampler.batch(step) for step in range(3)])
-    np.testing.assert_array_equal(train.CropSampler(clips, 800, 4, seed=1).batch(2), rows[8:])
+    np.testing.assert_array_equal(training.CropSampler(clips, 800, 4, seed=1).batch(2), rows[8:])
     drawn = [int(row[0]) // 10000 for row in rows]
     for epoch in range(4):  # every epoch draws each clip once
         assert sorted(drawn[3 * epoch:3 * epoch + 3]) == [0, 1, 2]
@@ -372,4 +372,35 @@ def test_crops_are_a_function_of_seed_and_step():
         assert not np.any(row[len(piece):])  # the 500-sample clip is zero-padded
     offsets = {int(row[0]) % 10000 for row, j in zip(rows, drawn) if j == 1}
     assert len(offsets) > 1  # crops move within a long clip
-    assert not np.array_equal(train.CropSampler(clips, 800, 4, seed=2).batch(0), rows[:4])
+    assert not np.array_equal(training.CropSampler(clips, 800, 4, seed=2).batch(0), rows[:4])
+
+
+def _dot_precisions(jaxpr) -> list:
+    """The precision of every dot_general in a jaxpr, nested jaxprs (jit, scan, ...) included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(eqn.params["precision"])
+        for value in eqn.params.values():
+            for inner in (value if isinstance(value, (list, tuple)) else [value]):
+                inner = getattr(inner, "jaxpr", inner)
+                if hasattr(inner, "eqns"):
+                    found += _dot_precisions(inner)
+    return found
+
+
+def test_training_uses_the_inference_precision_rule(model):
+    """The loss and its gradient trace every matmul at full float32 precision, as inference
+    does (`Losatok.apply`): on a GPU, training would otherwise run in TF32 and inference not."""
+    trainable, frozen = training.split_params(model.params, STEP_CONFIG.trainable)
+    audio = synthetic_clips(2, CLIP_SAMPLES, seed=0)
+    keys = jax.random.split(jax.random.key(0), 2)
+
+    def loss(trainable):
+        return training.training_loss(trainable, frozen, audio, keys, config=TINY,
+                                      weights=STEP_CONFIG.weights)[0]
+
+    precisions = _dot_precisions(jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr)
+    assert len(precisions) > 20
+    highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+    assert all(p == highest for p in precisions), sorted(set(map(str, precisions)))
