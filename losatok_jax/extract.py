@@ -25,14 +25,16 @@ summary counts clips extracted, skipped as stored by an earlier run, and failed.
 
 Multi-host: under `jax.distributed` (flags below, or auto-detected on TPU pods and SLURM), each
 process takes a deterministic, disjoint share of the sorted inputs and encodes it on its own
-devices; no process waits for another. Audio decoding runs in a pool of host threads.
+devices; no process waits for another. Audio decoding runs in a pool of worker processes.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -67,13 +69,20 @@ def _load(entry: Entry, min_samples: int, max_duration: float | None):
 
 
 def _prefetched(entries: list[Entry], workers: int, *load_args) -> Iterator[tuple]:
-    """(entry, audio, reason) in input order, decoded by `workers` threads a bounded way ahead."""
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        ahead = []
+    """(entry, audio, reason) in input order, decoded by `workers` processes a bounded way ahead.
+
+    Processes, not threads: decoding and resampling hold the GIL for much of their time, so
+    threads shared about one core, and the main process needs its own for batching and writing.
+    The workers start from a fresh interpreter (forkserver), never as forks of this process,
+    whose JAX runtime holds threads a fork would not carry."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # imported once, by the server, not per worker
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+        ahead: collections.deque = collections.deque()
         for entry in entries:
             ahead.append((entry, pool.submit(_load, entry, *load_args)))
             if len(ahead) >= 4 * workers:
-                entry, future = ahead.pop(0)
+                entry, future = ahead.popleft()
                 yield (entry, *future.result())
         for entry, future in ahead:
             yield (entry, *future.result())
@@ -271,7 +280,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=_cli.seed, default=0, help="seed for --sample")
     parser.add_argument("--shard_size", type=count, default=1000, help="records per shard")
     parser.add_argument("--num_workers", type=count, default=len(os.sched_getaffinity(0)),
-                        help="host threads decoding and resampling audio")
+                        help="worker processes decoding and resampling audio (default: one "
+                             "per core)")
     parser.add_argument("--max_duration", type=_cli.positive(float, "number of seconds"),
                         default=None, help="use only the first S seconds of each clip")
     parser.add_argument("--strict", action="store_true",

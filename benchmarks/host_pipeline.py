@@ -1,0 +1,233 @@
+"""Can one host feed its accelerators? Extraction's host side, measured with the model taken out.
+
+    python -m benchmarks.host_pipeline [--clips 24] [--seconds 10] [--output FILE.json]
+
+1. Audio decoding per core, by format: `read_audio` (decode, downmix, resample to 16 kHz) over
+   clips written in each format, one after another in this process.
+2. `extract` with the tiny model (its compute is small; its semantic chunk set to the released
+   model's, so a clip is cut into as many windows), over 16 kHz WAV (nearly free to decode)
+   and over MP3, from its first clip to its last (model loading, compiling and the final merge
+   left out), with the main process's time per clip split into waiting for decoded audio,
+   encoding (planning, padding, transfers), running the tiny model's programs (on this CPU:
+   on an accelerator that time is the chips'), writing records and statistics, and the rest
+   (the loop's own bookkeeping).
+3. The host's ceiling: decoding spread over every core, and the main process alone; against the
+   chips' projected speed from a `plan` results file (`--plan`, default the v5e-8 one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import jax
+import numpy as np
+import soundfile as sf
+
+from losatok_jax import _shards, api, checkpoint, extract, runners
+from losatok_jax.audio_io import read_audio
+from losatok_jax.config import RELEASED_CONFIG, load_config
+from losatok_jax.model import Losatok, init_params
+
+TINY_CONFIG = "tests/data/golden/tiny_chunk40/config.yml"
+PLAN = "benchmarks/results/plan-v5e-8.json"
+# A v5e-8 host (ct5lp-hightpu-8t): 224 vCPUs, 112 physical cores, for 8 chips.
+V5E_HOST_CORES = 112
+
+
+def _noise(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.standard_normal((int(seconds * rate), channels))).astype(np.float32)
+
+
+def _pyav(path: Path, codec: str, samples: np.ndarray, rate: int) -> None:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate, layout="stereo")
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples.T), format="fltp",
+                                           layout="stereo")
+        frame.sample_rate = rate
+        for packet in stream.encode(frame):
+            out.mux(packet)
+        for packet in stream.encode(None):
+            out.mux(packet)
+
+
+FORMATS = {  # name: (suffix, rate, channels, writer)
+    "wav 16 kHz mono": (".wav", 16000, 1, lambda p, x, r: sf.write(p, x, r)),
+    "wav 44.1 kHz stereo": (".wav", 44100, 2, lambda p, x, r: sf.write(p, x, r)),
+    "flac 44.1 kHz stereo": (".flac", 44100, 2, lambda p, x, r: sf.write(p, x, r)),
+    "mp3 44.1 kHz stereo": (".mp3", 44100, 2,
+                            lambda p, x, r: sf.write(p, x, r, format="MP3")),
+    "ogg vorbis 44.1 kHz stereo": (".ogg", 44100, 2,
+                                   lambda p, x, r: sf.write(p, x, r, subtype="VORBIS")),
+    "aac (m4a) 44.1 kHz stereo": (".m4a", 44100, 2, lambda p, x, r: _pyav(p, "aac", x, r)),
+    "opus (webm) 48 kHz stereo": (".webm", 48000, 2, lambda p, x, r: _pyav(p, "libopus", x, r)),
+}
+
+
+def write_corpus(folder: Path, name: str, clips: int, seconds: float) -> list[Path]:
+    suffix, rate, channels, write = FORMATS[name]
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(clips):
+        path = folder / f"clip{i:04d}{suffix}"
+        write(path, _noise(seconds, rate, channels, seed=i), rate)
+        paths.append(path)
+    return paths
+
+
+def host_side_config():
+    """The tiny model with the released semantic chunk (252 tokens), so that clips are cut into
+    as many windows as the released model cuts them: the host's work per clip is the same, the
+    model's is next to nothing."""
+    tiny, released = load_config(TINY_CONFIG), load_config(RELEASED_CONFIG)
+    return dataclasses.replace(tiny, semantic=dataclasses.replace(
+        tiny.semantic, target_length=released.semantic.target_length))
+
+
+def decode_rate(paths: list[Path]) -> float:
+    """Audio seconds decoded to 16 kHz mono per second, on one core."""
+    start, audio = time.perf_counter(), 0.0
+    for path in paths:
+        audio += len(read_audio(path, 16000).samples) / 16000
+    return audio / (time.perf_counter() - start)
+
+
+class _Timer:
+    """Adds up the main process's time in the calls it wraps."""
+
+    def __init__(self):
+        self.seconds = {"waiting for decoded audio": 0.0, "encoding": 0.0,
+                        "running the tiny model": 0.0, "writing records and statistics": 0.0}
+
+    def mark_end(self, function):
+        def marked(*args, **kwargs):
+            self.end = time.perf_counter()  # the clips' loop is over
+            return function(*args, **kwargs)
+        return marked
+
+    def wrap(self, key: str, function):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[key] += time.perf_counter() - start
+        return timed
+
+    def wrap_iterator(self, key: str, generator_function):
+        def timed(*args, **kwargs):
+            self.start = time.perf_counter()  # the clips' loop starts
+            items = generator_function(*args, **kwargs)
+            while True:
+                start = time.perf_counter()
+                try:
+                    item = next(items)
+                except StopIteration:
+                    return
+                finally:
+                    self.seconds[key] += time.perf_counter() - start
+                yield item
+        return timed
+
+
+def extract_split(checkpoint_dir: Path, audio: Path, out: Path, workers: int) -> dict:
+    """One `extract` run with the main process's time split by what it waited on."""
+    timer = _Timer()
+    patches = [(api, "encode", timer.wrap("encoding", api.encode)),
+               (_shards.GroupWriter, "write",
+                timer.wrap("writing records and statistics", _shards.GroupWriter.write)),
+               (extract, "_prefetched",
+                timer.wrap_iterator("waiting for decoded audio", extract._prefetched)),
+               (_shards, "merge", timer.mark_end(_shards.merge))] + [
+                   (runners.Runner, name, timer.wrap("running the tiny model",
+                                                     getattr(runners.Runner, name)))
+                   for name in ("window_peaks", "encode_windows")]
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
+    stdout = io.StringIO()
+    try:
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(stdout):
+            status = extract.main(["--model_path", str(checkpoint_dir), "--input", str(audio),
+                                   "--output_dir", str(out), "--num_workers", str(workers)])
+        wall = time.perf_counter() - start
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    assert status == 0, stdout.getvalue()
+    clips = len(list(audio.iterdir()))
+    loop = timer.end - timer.start
+    split = {key: value / clips for key, value in timer.seconds.items()}
+    split["encoding"] -= split["running the tiny model"]  # planning, padding, transfers
+    split["everything else"] = loop / clips - sum(split.values())
+    return {"clips": clips, "wall_s": wall, "loop_s": loop, "main_process_s_per_clip": split,
+            "summary": stdout.getvalue().strip().splitlines()[-1]}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clips", type=int, default=24)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--plan", default=PLAN, help="a plan --json results file")
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args(argv)
+    cores = len(os.sched_getaffinity(0))
+    results = {"host_cores": cores, "clip_seconds": args.seconds, "clips": args.clips,
+               "decode_audio_seconds_per_second_per_core": {}}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        corpora = {}
+        for name in FORMATS:
+            corpora[name] = write_corpus(work / name.split()[0] / name.replace(" ", "_"), name,
+                                         args.clips, args.seconds)
+            rate = decode_rate(corpora[name])
+            results["decode_audio_seconds_per_second_per_core"][name] = rate
+            print(f"decode {name}: {rate:,.0f} audio-s/s per core", flush=True)
+        config = host_side_config()
+        checkpoint.save(work / "ckpt", Losatok(init_params(config, jax.random.key(0)), config))
+        results["extract_tiny_model"] = {}
+        for name in ("wav 16 kHz mono", "mp3 44.1 kHz stereo"):
+            folder = corpora[name][0].parent
+            for trial in ("warm-up", name):  # the first run compiles
+                run = extract_split(work / "ckpt", folder, work / f"out-{trial}-{name[:3]}",
+                                    cores)
+            run["audio_seconds_per_second"] = args.clips * args.seconds / run["loop_s"]
+            results["extract_tiny_model"][name] = run
+            print(f"extract over {name}: {run['audio_seconds_per_second']:,.0f} audio-s/s; "
+                  f"main process per clip: " + ", ".join(
+                      f"{k} {1e3 * v:.1f} ms" for k, v in run["main_process_s_per_clip"].items()),
+                  flush=True)
+    main_busy = sum(v for k, v in results["extract_tiny_model"]["wav 16 kHz mono"][
+        "main_process_s_per_clip"].items()
+        if k not in ("waiting for decoded audio", "running the tiny model"))
+    results["main_process_ceiling_audio_seconds_per_second"] = args.seconds / main_busy
+    if Path(args.plan).exists():
+        report = json.loads(Path(args.plan).read_text())
+        realtime = min(row["realtime_per_chip"] for row in report["programs"]
+                       if row["operation"] == "encode")
+        results["chips"] = {"plan": args.plan, "target": report["target"],
+                            "chips_per_host": report["chips"] // report["hosts"],
+                            "slowest_encode_realtime_per_chip": realtime,
+                            "audio_seconds_per_second_per_host":
+                                realtime * report["chips"] // report["hosts"]}
+        results["v5e_host_cores"] = V5E_HOST_CORES
+        results["v5e_host_decode_ceiling_audio_seconds_per_second"] = {
+            name: rate * V5E_HOST_CORES
+            for name, rate in results["decode_audio_seconds_per_second_per_core"].items()}
+    print(json.dumps(results, indent=1))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
