@@ -71,8 +71,9 @@ def _load(entry: Entry, min_samples: int, max_duration: float | None):
 def _prefetched(entries: list[Entry], workers: int, *load_args) -> Iterator[tuple]:
     """(entry, audio, reason) in input order, decoded by `workers` processes a bounded way ahead.
 
-    Processes, not threads: decoding and resampling hold the GIL for much of their time, so
-    threads shared about one core, and the main process needs its own for batching and writing.
+    Processes, not threads: some decoders (AAC, with its small frames) hold the GIL for much
+    of their time, so threads do not scale with the host's cores, and the main process needs
+    its own core for batching and writing.
     The workers start from a fresh interpreter (forkserver), never as forks of this process,
     whose JAX runtime holds threads a fork would not carry."""
     context = multiprocessing.get_context("forkserver")
