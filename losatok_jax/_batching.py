@@ -54,9 +54,9 @@ class Buckets:
         for name in ("batch_sizes", "num_tokens"):
             values = getattr(self, name)
             if not values or list(values) != sorted(set(values)) or values[0] < 1:
-                raise ValueError(f"Buckets.{name} must be increasing positive integers: {values}")
+                raise LosatokError(f"Buckets.{name} must be increasing positive integers: {values}")
         if self.max_batch_tokens < 1:
-            raise ValueError(f"Buckets.max_batch_tokens must be positive: {self.max_batch_tokens}")
+            raise LosatokError(f"Buckets.max_batch_tokens must be positive: {self.max_batch_tokens}")
 
     def max_batch(self, tokens: int) -> int:
         """The largest batch bucket whose rows of `tokens` tokens fit the token budget (or the
@@ -217,7 +217,7 @@ def decode_pieces(config: LosatokConfig, buckets: Buckets, clip: int, tokens: in
     """
     halo, longest = decoder_halo(config), buckets.max_tokens
     if longest <= 2 * halo:
-        raise ValueError(f"the largest length bucket ({longest} tokens) must exceed twice the "
+        raise LosatokError(f"the largest length bucket ({longest} tokens) must exceed twice the "
                          f"decoder halo ({halo} tokens)")
     plans = [_windows(clip, tokens, window, halo) for window in buckets.num_tokens
              if window > 2 * halo]

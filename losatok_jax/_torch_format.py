@@ -22,6 +22,8 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
+from losatok_jax.errors import LosatokError
+
 # torch's storage classes (as pickled by name) <-> numpy dtypes.
 TORCH_STORAGE_TYPES = {
     "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
@@ -130,7 +132,7 @@ def save(file, arrays: dict[str, np.ndarray]) -> None:
         for key, (name, array) in enumerate(arrays.items()):
             array = np.ascontiguousarray(array)
             if array.dtype not in _STORAGE_NAMES:
-                raise TypeError(f"{name}: torch has no storage for {array.dtype}")
+                raise LosatokError(f"{name}: torch has no storage for {array.dtype}")
             pickled += _item(name) + b"ctorch._utils\n_rebuild_tensor_v2\n("
             pickled += (b"(" + _item("storage") + f"ctorch\n{_STORAGE_NAMES[array.dtype]}\n".encode()
                         + _item(str(key)) + _item("cpu") + _item(array.size) + b"tQ")

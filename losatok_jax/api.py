@@ -20,6 +20,7 @@ from losatok_jax._devices import resolve_device
 from losatok_jax._batching import DEFAULT_BUCKETS, Buckets
 from losatok_jax._execution import Progress
 from losatok_jax.config import LosatokConfig, load_config
+from losatok_jax.errors import LosatokError
 from losatok_jax.model import FEATURE_KEYS, Losatok, _dtype_name, init_params
 from losatok_jax.runners import Runner
 
@@ -33,12 +34,12 @@ def _host_or_traced(x):
 def _check_float(x, what: str):
     if not jnp.issubdtype(x.dtype, jnp.floating):
         hint = " (scale integer PCM to [-1, 1] first, e.g. int16 / 32768)" if what == "audio" else ""
-        raise ValueError(f"{what} must be floating point, got dtype {x.dtype}{hint}")
+        raise LosatokError(f"{what} must be floating point, got dtype {x.dtype}{hint}")
 
 
 def _check_finite(x, what: str):
     if isinstance(x, np.ndarray) and not np.isfinite(x).all():
-        raise ValueError(f"{what} contains NaN or Inf values")
+        raise LosatokError(f"{what} contains NaN or Inf values")
 
 
 def _as_float32(x):
@@ -57,11 +58,11 @@ def as_audio_batch(audio, config: LosatokConfig):
     elif audio.ndim == 3 and audio.shape[1] == 1:
         audio = audio[:, 0]
     elif audio.ndim != 2:
-        raise ValueError(f"audio must be shaped (N,), (B, N) or (B, 1, N); got {audio.shape}")
+        raise LosatokError(f"audio must be shaped (N,), (B, N) or (B, 1, N); got {audio.shape}")
     if audio.shape[0] == 0:
-        raise ValueError("audio batch is empty")
+        raise LosatokError("audio batch is empty")
     if audio.shape[1] < config.min_samples:
-        raise ValueError(
+        raise LosatokError(
             f"audio has {audio.shape[1]} samples; LoSATok needs at least {config.min_samples} "
             f"({1000 * config.min_samples / config.sample_rate:.0f} ms at {config.sample_rate} Hz)")
     _check_finite(audio, "audio")
@@ -73,9 +74,9 @@ def _as_latents(z, config: LosatokConfig):
     z = _host_or_traced(z)
     _check_float(z, "z")
     if z.ndim != 3 or z.shape[2] != config.decoder_dim:
-        raise ValueError(f"z must be shaped (B, T, {config.decoder_dim}); got {z.shape}")
+        raise LosatokError(f"z must be shaped (B, T, {config.decoder_dim}); got {z.shape}")
     if z.shape[0] == 0 or z.shape[1] == 0:
-        raise ValueError(f"z must hold at least one frame; got {z.shape}")
+        raise LosatokError(f"z must hold at least one frame; got {z.shape}")
     _check_finite(z, "z")
     return _as_float32(z)
 
@@ -85,13 +86,13 @@ def _clip_list(audio, config: LosatokConfig) -> list[np.ndarray]:
     for i, clip in enumerate(audio):
         clip = _host_or_traced(clip)
         if clip.ndim != 1:
-            raise ValueError(f"clip {i} must be 1-D (N,); got shape {clip.shape}")
+            raise LosatokError(f"clip {i} must be 1-D (N,); got shape {clip.shape}")
         try:
             clips.append(as_audio_batch(clip, config)[0])
         except ValueError as e:
-            raise ValueError(f"clip {i}: {e}") from None
+            raise LosatokError(f"clip {i}: {e}") from None
     if not clips:
-        raise ValueError("no clips to encode")
+        raise LosatokError("no clips to encode")
     return clips
 
 
@@ -99,14 +100,14 @@ def _noise_ids(noise_ids: Sequence[int] | None, count: int) -> list[int]:
     if noise_ids is None:
         return list(range(count))
     if len(noise_ids) != count:
-        raise ValueError(f"noise_ids has {len(noise_ids)} entries for {count} clips")
+        raise LosatokError(f"noise_ids has {len(noise_ids)} entries for {count} clips")
     return [int(i) for i in noise_ids]
 
 
 def _feature_keys(features: Sequence[str]) -> tuple[str, ...]:
     unknown = sorted(set(features) - set(FEATURE_KEYS))
     if unknown or not features:
-        raise ValueError(f"features must be a non-empty subset of {FEATURE_KEYS}; got {features}")
+        raise LosatokError(f"features must be a non-empty subset of {FEATURE_KEYS}; got {features}")
     return tuple(features)
 
 
@@ -140,7 +141,7 @@ def encode(model: Losatok, audio, *, sample: bool = False, rng: jax.Array | None
     `progress(stage, batches_done, batches_total)`, if given, is called after every batch.
     """
     if sample and rng is None:
-        raise ValueError("encode(sample=True) needs a PRNG key: pass rng=jax.random.key(seed)")
+        raise LosatokError("encode(sample=True) needs a PRNG key: pass rng=jax.random.key(seed)")
     rng = rng if sample else None
     keys = _feature_keys(features)
     runner = runner or Runner(model)
@@ -176,12 +177,12 @@ def decode(model: Losatok, z, *, buckets: Buckets = DEFAULT_BUCKETS,
     """
     if isinstance(z, (list, tuple)):
         if not z:
-            raise ValueError("no latents to decode")
+            raise LosatokError("no latents to decode")
         latents = []
         for i, x in enumerate(z):
             x = _host_or_traced(x)
             if x.ndim != 2:
-                raise ValueError(f"latents {i} must be shaped (T, {model.config.decoder_dim}); "
+                raise LosatokError(f"latents {i} must be shaped (T, {model.config.decoder_dim}); "
                                  f"got {x.shape}")
             latents.append(_as_latents(x[None], model.config)[0])
         return _execution.decode_latents(runner or Runner(model), latents, buckets, progress)
@@ -201,7 +202,7 @@ def reconstruct(model: Losatok, audio, *, sample: bool = False, rng: jax.Array |
     memory small for hours of audio. `progress` as for `encode`.
     """
     if "z" not in features:
-        raise ValueError("reconstruct needs 'z' among the features it computes")
+        raise LosatokError("reconstruct needs 'z' among the features it computes")
     features = encode(model, audio, sample=sample, rng=rng, buckets=buckets, features=features,
                       runner=runner, progress=progress)
     z = [f["z"] for f in features] if isinstance(features, list) else features["z"]
@@ -227,7 +228,7 @@ def load_losatok(path: str | os.PathLike | None = None, *,
     from losatok_jax import _model_source, checkpoint  # Orbax's import is slow: paid on loading
 
     if path is not None and model_path is not None:
-        raise ValueError("load_losatok takes the checkpoint once: as its first argument or as "
+        raise LosatokError("load_losatok takes the checkpoint once: as its first argument or as "
                          "model_path=, not both")
     path = model_path if path is None else path
     dtype = _dtype_name(dtype)
@@ -239,7 +240,7 @@ def load_losatok(path: str | os.PathLike | None = None, *,
         if config_path is not None:
             checkpoint.check_same_config(load_config(config_path), model.config, config_path, path)
     elif config_path is None:
-        raise ValueError("load_losatok needs a checkpoint (model_path) or a config_path")
+        raise LosatokError("load_losatok needs a checkpoint (model_path) or a config_path")
     else:
         config = load_config(config_path)
         warnings.warn("no checkpoint given: LoSATok is randomly initialised and untrained",

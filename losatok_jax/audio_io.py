@@ -121,7 +121,7 @@ def read_audio(path: str | os.PathLike, sample_rate: int = 16000,
     rate. The length is upstream's: ceil(frames · sample_rate / file rate).
     """
     if max_duration is not None and not max_duration > 0:
-        raise ValueError(f"max_duration must be positive, got {max_duration}")
+        raise LosatokError(f"max_duration must be positive, got {max_duration}")
     path = Path(path)
     check_readable(path)
     try:
@@ -396,7 +396,7 @@ def save_audio(path: str | os.PathLike, audio, sample_rate: int = 16000) -> None
     """Writes mono audio (N,) as a 32-bit float WAV, clipped to [-1, 1], whatever the extension."""
     audio = np.asarray(audio, np.float32)
     if audio.ndim != 1:
-        raise ValueError(f"save_audio writes mono audio shaped (N,); got {audio.shape}")
+        raise LosatokError(f"save_audio writes mono audio shaped (N,); got {audio.shape}")
     try:
         with atomic_write(path) as f:
             sf.write(f, np.clip(audio, -1.0, 1.0), sample_rate, format="WAV", subtype="FLOAT")

@@ -24,6 +24,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from losatok_jax.errors import LosatokError
 from losatok_jax.stats import load_stats
 
 SHARD_GLOB = "latents-*.array_record"
@@ -164,7 +165,7 @@ def latent_dataset(directory: str | os.PathLike, *, tokens: int, batch_size: int
     import grain
 
     if tokens < 1 or batch_size < 1 or num_epochs < 1:
-        raise ValueError("tokens, batch_size and num_epochs must be positive")
+        raise LosatokError("tokens, batch_size and num_epochs must be positive")
     source = LatentDataSource(directory)
     mean, scale = normalization(directory, feature) if normalize else (0.0, 1.0)
     options = shard_options or grain.sharding.ShardByJaxProcess()

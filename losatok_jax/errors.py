@@ -13,8 +13,9 @@ def one_line(text) -> str:
 
 
 class LosatokError(ValueError):
-    """Input that cannot be used: a file, an option, a checkpoint or a config; the message says
-    what and why, on one line."""
+    """Input that cannot be used: a file, an option, a checkpoint, a config, or an argument of a
+    library call (audio, latents, buckets, training settings); the message says what and why, on
+    one line. A `ValueError`, so that callers catching those keep working."""
 
 
 class Note(UserWarning):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from losatok_jax import spectral
+from losatok_jax.errors import LosatokError
 
 # (n_fft, hop, n_mels): short windows resolve transients, long ones pitch.
 MEL_RESOLUTIONS = ((512, 128, 40), (1024, 256, 80), (2048, 512, 160))
@@ -45,7 +46,7 @@ def semantic_loss(features: Mapping[str, jax.Array], mode: str = "both") -> jax.
     """Distils the semantic encoder into the acoustic branch: MSE of acoustic to (stopped) semantic
     embeddings, low (D) and/or high (E) width. `features` is the dict `encode` returns."""
     if mode not in SEMANTIC_MODES:
-        raise ValueError(f"semantic loss mode must be one of {SEMANTIC_MODES}; got {mode!r}")
+        raise LosatokError(f"semantic loss mode must be one of {SEMANTIC_MODES}; got {mode!r}")
     low = _mse(features["acoustic_emb_low"], jax.lax.stop_gradient(features["semantic_emb_low"]))
     high = _mse(features["acoustic_emb"], jax.lax.stop_gradient(features["semantic_emb"]))
     return {"both": low + high, "high_only": high, "low_only": low}[mode]
@@ -92,10 +93,10 @@ def _magnitudes(audio: jax.Array, n_fft: int, hop: int) -> jax.Array:
 
 def _check_pair(pred: jax.Array, target: jax.Array, longest_fft: int):
     if pred.shape != target.shape or pred.ndim != 2:
-        raise ValueError(f"pred and target must both be (B, N); got {pred.shape} and "
+        raise LosatokError(f"pred and target must both be (B, N); got {pred.shape} and "
                          f"{target.shape}")
     if pred.shape[1] <= longest_fft // 2:
-        raise ValueError(f"waveform losses need more than {longest_fft // 2} samples per clip; "
+        raise LosatokError(f"waveform losses need more than {longest_fft // 2} samples per clip; "
                          f"got {pred.shape[1]}")
 
 

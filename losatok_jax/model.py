@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from losatok_jax._layers import MATRIX_PARAMS
 from losatok_jax._modules import LOW_PRECISION_SCOPES, AudioVAE
 from losatok_jax.config import LosatokConfig
+from losatok_jax.errors import LosatokError
 
 FEATURE_KEYS = ("z", "mu", "logvar", "semantic_emb", "acoustic_emb", "unified_emb",
                 "semantic_emb_low", "acoustic_emb_low", "unified_emb_low")
@@ -86,7 +87,7 @@ def _dtype_name(dtype) -> str:
     except TypeError:
         name = str(dtype)
     if name not in COMPUTE_DTYPES:
-        raise ValueError(f"dtype must be one of {COMPUTE_DTYPES}; got {dtype!r}")
+        raise LosatokError(f"dtype must be one of {COMPUTE_DTYPES}; got {dtype!r}")
     return name
 
 

@@ -28,6 +28,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from losatok_jax import _programs
 from losatok_jax._modules import LAYER_STACKS
+from losatok_jax.errors import LosatokError
 from losatok_jax.model import FEATURE_KEYS, Losatok
 
 DATA_AXIS = "data"
@@ -258,7 +259,7 @@ class MeshRunner(Runner):
     def __init__(self, model: Losatok, mesh: Mesh | None = None):
         self.mesh = mesh or Mesh(np.array(jax.local_devices()), (DATA_AXIS,))
         if self.mesh.axis_names != (DATA_AXIS,):
-            raise ValueError(f"MeshRunner needs a 1-D mesh with axis {DATA_AXIS!r}; got "
+            raise LosatokError(f"MeshRunner needs a 1-D mesh with axis {DATA_AXIS!r}; got "
                              f"{self.mesh.axis_names}")
         local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
         self.num_devices = len(local)  # batch rows this process contributes per device bucket

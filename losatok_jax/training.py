@@ -50,7 +50,7 @@ def _check_range(name: str, value: float, *, low: float, high: float = math.inf,
     above = value > low if low_open else value >= low
     if not (math.isfinite(value) and above and value <= high):
         bound = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise ValueError(f"{name} must be finite and in {bound}; got {value}")
+        raise LosatokError(f"{name} must be finite and in {bound}; got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +67,7 @@ class LossWeights:
 
     def __post_init__(self):
         if self.semantic_mode not in losses.SEMANTIC_MODES:
-            raise ValueError(f"semantic_mode must be one of {losses.SEMANTIC_MODES}; "
+            raise LosatokError(f"semantic_mode must be one of {losses.SEMANTIC_MODES}; "
                              f"got {self.semantic_mode!r}")
         for name in ("kl", "semantic", "mel", "stft", "logvar"):
             _check_range(f"the {name} weight", getattr(self, name), low=0.0)
@@ -93,12 +93,12 @@ class TrainConfig:
     def __post_init__(self):
         unknown = sorted(set(self.trainable) - set(TRAINABLE_GROUPS))
         if unknown or not self.trainable:
-            raise ValueError(f"trainable must be a non-empty subset of {tuple(TRAINABLE_GROUPS)}; "
+            raise LosatokError(f"trainable must be a non-empty subset of {tuple(TRAINABLE_GROUPS)}; "
                              f"got {self.trainable}")
         if self.steps < 1:
-            raise ValueError(f"steps must be at least 1; got {self.steps}")
+            raise LosatokError(f"steps must be at least 1; got {self.steps}")
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"warmup_steps must be in [0, steps); got {self.warmup_steps} "
+            raise LosatokError(f"warmup_steps must be in [0, steps); got {self.warmup_steps} "
                              f"with steps {self.steps}")
         _check_range("learning_rate", self.learning_rate, low=0.0, low_open=True)
         _check_range("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
@@ -230,7 +230,7 @@ def shard_batch(audio: np.ndarray, grad_accum: int, mesh: Mesh) -> jax.Array:
     batch, length = audio.shape
     micro = batch // grad_accum
     if micro * grad_accum != batch or micro % mesh.size:
-        raise ValueError(f"batch size {batch} must split into {grad_accum} micro-batches whose "
+        raise LosatokError(f"batch size {batch} must split into {grad_accum} micro-batches whose "
                          f"size is a multiple of the {mesh.size} devices")
     return jax.device_put(audio.reshape(grad_accum, micro, length),
                           NamedSharding(mesh, P(None, DATA_AXIS)))

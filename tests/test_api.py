@@ -247,3 +247,13 @@ def test_progress_reports_every_batch_of_both_stages(model):
         assert done == [(i, total) for i in range(1, total + 1)], stage
     stages = [s for s, _, _ in calls]
     assert stages == sorted(stages, key=lambda s: s == "decoding")  # encoding, then decoding
+
+
+def test_bad_arguments_raise_the_packages_error(model):
+    """Every error a bad argument causes is a `LosatokError` (a `ValueError` too)."""
+    for call in (lambda: encode(model, np.zeros(100, np.float32)),
+                 lambda: decode(model, np.zeros((1, 4, 3), np.float32)),
+                 lambda: losatok_jax.Buckets(batch_sizes=(4, 2)),
+                 lambda: losatok_jax.load_losatok(dtype="int8")):
+        with pytest.raises(losatok_jax.LosatokError):
+            call()
