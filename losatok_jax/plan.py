@@ -360,7 +360,7 @@ def largest_batches(config, target: Target, report: dict, *, budget_bytes: float
 
     def hbm(tokens: int, batch: int) -> float:
         buckets = _batching.Buckets(batch_sizes=(batch,), num_tokens=(tokens,),
-                          max_batch_tokens=batch * tokens)
+                                    max_batch_tokens=batch * tokens)
         lowered = [p.lowered for p in program_plan(runner, buckets, keys=("z",), decode_too=False)
                    if p.tokens == tokens]
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
