@@ -55,6 +55,20 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float,
     return np.maximum(np.float32(0.0), np.minimum(rising, falling)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=None)
+def windowed_inverse_dft(n_fft: int) -> np.ndarray:
+    """irfft of n_fft points times the Hann window, as one matrix (2 · (n_fft // 2 + 1), n_fft)
+    applied to [real parts, imaginary parts]: the ISTFT on the matrix units instead of an FFT.
+    Like irfft, it ignores the imaginary parts of the DC and Nyquist bins. Built in float64."""
+    bins = n_fft // 2 + 1
+    k, t = np.arange(bins)[:, None], np.arange(n_fft)[None, :]
+    angle = 2.0 * np.pi * ((k * t) % n_fft) / n_fft
+    weight = np.where((k == 0) | (k == n_fft // 2), 1.0, 2.0) / n_fft
+    window = hann_window(n_fft).astype(np.float64)
+    return np.concatenate([weight * np.cos(angle) * window,
+                           -weight * np.sin(angle) * window]).astype(np.float32)
+
+
 def reflect_pad(audio: jax.Array, pad: int) -> jax.Array:
     """(B, N) -> (B, N + 2·pad), mirrored at both ends without the edge sample (numpy/torch
     "reflect")."""
@@ -110,15 +124,16 @@ def istft_same(log_magnitude: jax.Array, phase: jax.Array, keep: jax.Array, *, n
                hop: int) -> jax.Array:
     """Vocos' ISTFT with "same" padding: (B, F, n_fft // 2 + 1) x2 -> (B, F · hop).
 
-    The magnitude is capped at 100 before synthesis; frames are windowed, overlap-added, trimmed
+    The magnitude is capped at 100 before synthesis; each frame's irfft and window are one
+    matrix product (`windowed_inverse_dft`); frames are windowed, overlap-added, trimmed
     by (n_fft - hop) / 2 at both ends and divided by the overlap-added squared window. `keep`
     (B, F, 1) drops frames past each sequence's end from both sums, so every sequence in a padded
     batch gets its own window envelope; samples no kept frame reaches come out as zeros.
     """
     magnitude = jnp.minimum(jnp.exp(log_magnitude), 100.0)
-    spectrum = jax.lax.complex(magnitude * jnp.cos(phase), magnitude * jnp.sin(phase))
+    halves = jnp.concatenate([magnitude * jnp.cos(phase), magnitude * jnp.sin(phase)], axis=-1)
+    frames = jnp.matmul(halves, windowed_inverse_dft(n_fft), precision=_HIGHEST) * keep
     window = hann_window(n_fft)
-    frames = jnp.fft.irfft(spectrum, n=n_fft, axis=-1) * (window * keep)
     num_frames = frames.shape[1]
     trim = slice((n_fft - hop) // 2, (n_fft - hop) // 2 + num_frames * hop)
     signal = overlap_add(frames, hop)[:, trim]
