@@ -101,9 +101,14 @@ DEFAULT_BUCKETS = Buckets()
 POWERS_OF_TWO = tuple(2 ** i for i in range(11))  # the batch buckets extraction may use
 
 
+def _batch_sizes_up_to(batch_size: int) -> tuple[int, ...]:
+    """Powers of two below `batch_size`, then `batch_size`."""
+    return tuple(b for b in POWERS_OF_TWO if b < batch_size) + (batch_size,)
+
+
 def extraction_buckets(batch_size: int, num_tokens=None) -> Buckets:
     """The buckets `extract --batch_size B [--buckets ...]` runs: powers of two up to B."""
-    return Buckets(batch_sizes=tuple(b for b in POWERS_OF_TWO if b < batch_size) + (batch_size,),
+    return Buckets(batch_sizes=_batch_sizes_up_to(batch_size),
                    num_tokens=tuple(num_tokens or DEFAULT_BUCKETS.num_tokens))
 
 
@@ -124,7 +129,8 @@ def write_batch_plan(path: str, batches: dict[int, int], *, config: LosatokConfi
 
 
 def read_batch_plan(path: str, dtype: str) -> dict:
-    """A batch plan file's contents, checked to be one made for computing in `dtype`."""
+    """A batch plan file's contents, checked to be one made for computing in `dtype`, its
+    batches keyed by row length."""
     not_one = BatchPlanError(f"--batch_plan {path}: not a batch plan (write one with "
                              "python -m losatok_jax.plan --batch_plan)")
     try:
@@ -143,7 +149,7 @@ def read_batch_plan(path: str, dtype: str) -> dict:
     if plan["dtype"] != dtype:
         raise BatchPlanError(f"--batch_plan {path} was planned for --compute_dtype "
                              f"{plan['dtype']}, not {dtype}")
-    return plan
+    return {**plan, "encode_batches": batches}
 
 
 def batch_plan_buckets(plan: dict, path: str, config: LosatokConfig) -> Buckets:
@@ -151,8 +157,8 @@ def batch_plan_buckets(plan: dict, path: str, config: LosatokConfig) -> Buckets:
     each at its planned batch."""
     if plan["config"] != json.loads(json.dumps(config.to_dict())):
         raise BatchPlanError(f"--batch_plan {path} was planned for another model config")
-    batches = {int(tokens): batch for tokens, batch in plan["encode_batches"].items()}
-    sizes = {b for b in POWERS_OF_TWO if b < max(batches.values())} | set(batches.values())
+    batches = plan["encode_batches"]
+    sizes = set(_batch_sizes_up_to(max(batches.values()))) | set(batches.values())
     return Buckets(batch_sizes=tuple(sorted(sizes)), num_tokens=tuple(sorted(batches)),
                    fixed_batches=tuple(sorted(batches.items())))
 

@@ -185,6 +185,23 @@ def _slice(config, target: Target, dtype: str):
     return devices, model, MeshRunner(model, mesh=Mesh(np.array(devices), (DATA_AXIS,)))
 
 
+def _cost_as_unrolled(result: dict, base: dict, once: dict, twice: dict, depth: int) -> None:
+    """Sets `result`'s cost to `base` plus (depth − 1) times what a second layer adds to one
+    (`once`, `twice`: the layer compiled once and twice in a row): a scan's body counts once."""
+    for key in ("flops", "bytes_accessed", "estimated_seconds"):
+        result[key] = base[key] + (depth - 1) * (twice[key] - once[key])
+    result["compile_seconds"] += once["compile_seconds"] + twice["compile_seconds"]
+
+
+def _two_layers(model, stack: str, sharding):
+    """The weights of a stack's first two layers, abstract, on `sharding`."""
+    from losatok_jax.runners import stacked_weights
+
+    return jax.tree.map(lambda w: jax.ShapeDtypeStruct((2, *w.shape[1:]), w.dtype,
+                                                       sharding=sharding),
+                        stacked_weights(model, stack))
+
+
 def _param_bytes(model) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model))
 
@@ -197,7 +214,6 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
     `target` on `workers` threads, and returns the report (see the module's docstring);
     `progress(message)` hears of each program compiled."""
     from losatok_jax._execution import program_plan
-    from losatok_jax.runners import stacked_weights
 
     devices, model, runner = _slice(config, target, dtype)
     chips = len(devices)
@@ -212,8 +228,7 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
     def layer_programs(program):
         """The stack's layer once and twice in a row, on one chip's rows."""
         stack = stack_of[program.operation]
-        two = jax.tree.map(lambda w: on_one_chip((2, *w.shape[1:]), w.dtype),
-                           stacked_weights(model, stack))
+        two = _two_layers(model, stack, one_chip)
         (args, _) = program.lowered.args_info
         x, mask = (on_one_chip((a.shape[0] // chips, *a.shape[1:]), a.dtype) for a in args[1:3])
         return [consecutive_layers.lower(two, x, mask, config=config, dtype=model.dtype,
@@ -234,10 +249,7 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
                            for i, lowering in enumerate(lowered)]
         if layers:  # the scan's body counts once: cost the stack as if unrolled
             once, twice = layers
-            for key in ("flops", "bytes_accessed", "estimated_seconds"):
-                result[key] = once[key] + (depth[stack_of[program.operation]] - 1) * (
-                    twice[key] - once[key])
-            result["compile_seconds"] += once["compile_seconds"] + twice["compile_seconds"]
+            _cost_as_unrolled(result, once, once, twice, depth[stack_of[program.operation]])
         if progress is not None:
             progress(f"compiled {program.operation} {program.tokens} tokens {program.stage} "
                      f"in {result['compile_seconds']:.1f} s")
@@ -255,14 +267,15 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
         flops = (encode_flops(config, tokens * config.samples_per_token)
                  if operation == "encode" else decode_flops(config, tokens))
         entry["analytic_flops_per_audio_second"] = flops * tokens_per_second / tokens
-    rows = [_summarise(entry, _param_bytes(model), tokens_per_second, target)
+    param_bytes = _param_bytes(model)
+    rows = [_summarise(entry, param_bytes, tokens_per_second, target)
             for _, entry in sorted(entries.items(), key=lambda item: (item[0][0] != "encode",
                                                                        item[0][1]))]
     return {"target": target.topology, "chips": chips,
             "hosts": len({d.process_index for d in devices}), "chip": devices[0].device_kind,
             "hbm_bytes_per_chip_capacity": target.hbm_bytes,
             "bf16_flops_per_chip": target.bf16_flops, "dtype": dtype,
-            "param_bytes_per_chip": _param_bytes(model), "programs": rows}
+            "param_bytes_per_chip": param_bytes, "programs": rows}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "stack", "count"))
@@ -286,16 +299,15 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
 
     Its scans (forward and backward) are costed once each, so each stack adds (depth − 1) times
     what a second layer adds to one layer's gradient, compiled on one chip's rows."""
-    import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jax.sharding import NamedSharding, PartitionSpec
 
     from losatok_jax import training
-    from losatok_jax.runners import DATA_AXIS, stacked_weights
+    from losatok_jax.runners import DATA_AXIS
 
-    devices, model, _ = _slice(config, target, "float32")
+    devices, model, runner = _slice(config, target, "float32")
     chips = len(devices)
     batch = -(-max(batch_size, chips) // chips) * chips
-    mesh = Mesh(np.array(devices), (DATA_AXIS,))
+    mesh = runner.mesh
     train_config = training.TrainConfig()
     replicated = NamedSharding(mesh, PartitionSpec())
     state, frozen = jax.tree.map(
@@ -317,9 +329,7 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
     depth = {"semantic": config.semantic.depth, "decoder": config.decoder_depth}
     lowered = [step]
     for stack, (x_shape, mask_shape, mask_dtype) in inputs.items():
-        two = jax.tree.map(lambda w: jax.ShapeDtypeStruct((2, *w.shape[1:]), w.dtype,
-                                                          sharding=one_chip),
-                           stacked_weights(model, stack))
+        two = _two_layers(model, stack, one_chip)
         x = jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=one_chip)
         mask = jax.ShapeDtypeStruct(mask_shape, mask_dtype, sharding=one_chip)
         lowered += [consecutive_layers_gradient.lower(two, x, mask, config=config,
@@ -328,9 +338,7 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         result, *layers = pool.map(lambda lowering: measure(lowering, chips), lowered)
     for stack, once, twice in zip(inputs, layers[0::2], layers[1::2]):
-        for key in ("flops", "bytes_accessed", "estimated_seconds"):
-            result[key] += (depth[stack] - 1) * (twice[key] - once[key])
-        result["compile_seconds"] += once["compile_seconds"] + twice["compile_seconds"]
+        _cost_as_unrolled(result, dict(result), once, twice, depth[stack])
     audio_seconds = rows * samples / SAMPLE_RATE
     return {"operation": "train", "tokens": tokens, "batch_per_chip": rows,
             "audio_seconds_per_chip": audio_seconds,
