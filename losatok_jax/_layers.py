@@ -191,22 +191,32 @@ class TransformerBlock(nn.Module):
         return x, None
 
 
+# Kernel size of the decoder's convolutions (the embedding conv and every depthwise conv).
+DECODER_KERNEL = 7
+
+
 class ConvNeXtBlock(nn.Module):
     """Vocos ConvNeXt block on (B, F, C): depthwise conv k7, norm, MLP, per-channel gain, residual.
 
     `keep` (B, F, 1) zeroes frames past each sequence's end before the depthwise conv, so that a
-    padded batch sees the zero padding upstream's conv sees at a clip's own end.
+    padded batch sees the zero padding upstream's conv sees at a clip's own end. Unpadded
+    (`same_padding=False`), the block returns the F − 6 frames whose neighbours are all in `x`:
+    streaming passes the frames it kept from earlier steps as the first 6.
     """
 
     intermediate_dim: int
     layer_scale_init: float
     dtype: Dtype = None
     max_rows: int | None = None  # of the position-wise part at a time, see `in_row_blocks`
+    same_padding: bool = True
 
     @nn.compact
     def __call__(self, x, keep):  # x: (B, F, C) float32 residual stream
         width = x.shape[-1]
-        y = DepthwiseConv1d(7, self.dtype, name="dwconv")(x * keep)
+        y = DepthwiseConv1d(DECODER_KERNEL, self.dtype, self.same_padding, name="dwconv")(x * keep)
+        if not self.same_padding:
+            half = DECODER_KERNEL // 2
+            x = x[..., half:x.shape[-2] - half, :]
         norm = layer_norm(1e-6, "norm", self.dtype)
         pwconv1 = Linear(self.intermediate_dim, dtype=self.dtype, name="pwconv1")
         pwconv2 = Linear(width, dtype=self.dtype, name="pwconv2")
@@ -226,14 +236,17 @@ class DepthwiseConv1d(nn.Module):
 
     kernel_size: int
     dtype: Dtype = None
+    same_padding: bool = True  # False: no padding, k − 1 fewer frames out
 
     @nn.compact
     def __call__(self, x):
-        width, frames, k = x.shape[-1], x.shape[-2], self.kernel_size
+        width, k = x.shape[-1], self.kernel_size
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, 1, width))
         bias = self.param("bias", nn.initializers.zeros, (width,))
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(k // 2, k - 1 - k // 2), (0, 0)])
+        padding = (k // 2, k - 1 - k // 2) if self.same_padding else (0, 0)
+        padded = jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [padding, (0, 0)])
+        frames = padded.shape[-2] - k + 1
         y = padded[..., :frames, :] * kernel[0, 0]
         for tap in range(1, k):
             y = y + padded[..., tap:tap + frames, :] * kernel[tap, 0]

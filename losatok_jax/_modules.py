@@ -33,8 +33,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from losatok_jax import spectral
-from losatok_jax._layers import (ConvNeXtBlock, Linear, TransformerBlock, compute_dtype, gelu,
-                                 layer_norm)
+from losatok_jax._layers import (DECODER_KERNEL, ConvNeXtBlock, Linear, TransformerBlock,
+                                 compute_dtype, gelu, layer_norm)
 from losatok_jax.config import LosatokConfig, SemanticEncoderConfig
 
 # Parameter-tree prefixes of the layers that compute in the model's dtype; `Losatok.astype` stores
@@ -52,10 +52,11 @@ def semantic_block(config: SemanticEncoderConfig, dtype=None,
                             dtype, max_rows)
 
 
-def decoder_block(config: LosatokConfig, dtype=None, max_rows: int | None = None) -> ConvNeXtBlock:
+def decoder_block(config: LosatokConfig, dtype=None, max_rows: int | None = None,
+                  same_padding: bool = True) -> ConvNeXtBlock:
     """One ConvNeXt layer of the Vocos backbone; `max_rows` as for `semantic_block`."""
     return ConvNeXtBlock(config.decoder_intermediate_size, 1.0 / config.decoder_depth, dtype,
-                         max_rows)
+                         max_rows, same_padding)
 
 
 def stacked(block: nn.Module, depth: int) -> nn.Module:
@@ -227,7 +228,9 @@ class VocosBackbone(nn.Module):
 
     def setup(self):
         c = self.config
-        self.embed = nn.Conv(c.decoder_embed_dim, (7,), padding=[(3, 3)], dtype=self.dtype)
+        half = DECODER_KERNEL // 2
+        self.embed = nn.Conv(c.decoder_embed_dim, (DECODER_KERNEL,), padding=[(half, half)],
+                             dtype=self.dtype)
         self.norm = layer_norm(1e-6)  # float32: the residual stream starts here
         self.convnext = stacked(decoder_block(c, self.dtype), c.decoder_depth)
         self.final_layer_norm = layer_norm(1e-6, dtype=self.dtype)

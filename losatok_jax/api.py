@@ -1,4 +1,5 @@
-"""The Python API: `encode`, `decode`, `reconstruct`, `log_mels`, `warmup` and `load_losatok`.
+"""The Python API: `encode`, `decode`, `reconstruct`, `log_mels`, `warmup`, `load_losatok` and
+`StreamingDecoder`.
 
 Inputs are validated here, on the host, with messages that name the offending clip; then a batch
 plan runs them (`_execution`) on a runner (default: one device). Inside a caller's jit, vmap or
@@ -23,6 +24,7 @@ from losatok_jax.config import LosatokConfig, load_config
 from losatok_jax.errors import LosatokError
 from losatok_jax.model import FEATURE_KEYS, Losatok, _dtype_name, init_params
 from losatok_jax.runners import Runner
+from losatok_jax.streaming import StreamingDecoder
 
 
 def _host_or_traced(x):
@@ -113,13 +115,16 @@ def _feature_keys(features: Sequence[str]) -> tuple[str, ...]:
 
 def warmup(model: Losatok, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
            features: Sequence[str] = FEATURE_KEYS, decode_too: bool = True,
-           runner: Runner | None = None) -> int:
-    """Compiles, without running, every program `encode`/`decode` can need for `buckets`.
+           runner: Runner | None = None, stream_batch_sizes: Sequence[int] = ()) -> int:
+    """Compiles, without running, every program `encode`/`decode` can need for `buckets`, and
+    runs a `StreamingDecoder` of each of `stream_batch_sizes` once on zeros.
 
-    Afterwards no input of any length or batch size compiles anything new (with the persistent
-    compilation cache enabled, later processes load these instead of compiling). Returns the
-    number of programs.
+    Afterwards no input of any length or batch size, and no stream of those batch sizes,
+    compiles anything new (with the persistent compilation cache enabled, later processes load
+    these instead of compiling). Returns the number of encode/decode programs.
     """
+    for batch_size in stream_batch_sizes:
+        StreamingDecoder(model, batch_size=batch_size).warmup()
     return _execution.warmup(runner or Runner(model), buckets, sample=sample,
                              keys=_feature_keys(features), decode_too=decode_too)
 
