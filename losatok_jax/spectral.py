@@ -152,15 +152,17 @@ def overlap_add(frames: jax.Array, hop: int) -> jax.Array:
     return total.reshape(batch, (num_frames + k - 1) * hop)
 
 
-def overlap_add_continued(frames: jax.Array, hop: int,
-                          pending: jax.Array) -> tuple[jax.Array, jax.Array]:
+def overlap_add_continued(frames: jax.Array, hop: int, pending: jax.Array,
+                          done=None) -> tuple[jax.Array, jax.Array]:
     """`overlap_add` of a stream's next frames: `pending` (B, (K - 1)·hop) holds what earlier
-    frames added to the hops that follow them. Returns the F·hop samples now complete and the new
-    `pending`."""
+    frames added to the hops that follow them. Returns the F·hop samples of these frames' hops
+    and the new `pending`, which follows the first `done` frames (default: all F; may be traced,
+    when the frames after it are padding)."""
     total = overlap_add(frames, hop)
     total = total.at[:, :pending.shape[1]].add(pending)
-    done = frames.shape[1] * hop
-    return total[:, :done], total[:, done:]
+    count = frames.shape[1] * hop
+    start = count if done is None else done * hop
+    return total[:, :count], jax.lax.dynamic_slice_in_dim(total, start, pending.shape[1], axis=1)
 
 
 def istft_frames(log_magnitude: jax.Array, phase: jax.Array, n_fft: int) -> jax.Array:

@@ -15,9 +15,10 @@ left for the hops ahead) as state.
 
 `init` and `step` are pure and jittable, for decoding inside a generation loop; `step`'s audio is
 the stream delayed by `right_context_samples`, zeros before the stream starts and after it ends.
-`StreamingDecoder` runs them for a batch of streams, in chunks of `CHUNK_SIZES` latents (a push
-of any length is cut into them, so those are the only shapes compiled), and returns exactly the
-samples that are final.
+`StreamingDecoder` runs them for a batch of streams in chunks of `CHUNK_SIZES` latents, the only
+shapes compiled: a push runs as steps of the largest size, then one step of the smallest size
+that holds the rest, padded (each step reads every weight once, so fewer steps cost less), and
+returns exactly the samples that are final.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from losatok_jax.errors import LosatokError
 from losatok_jax.model import Losatok, full_float32_matmuls
 from losatok_jax.runners import per_layer_weights, stacked_weights
 
-# Latents per step: a push is cut into these, largest first, so at most one program per size.
+# Latents per step: the only step shapes compiled (a push's rest is padded to the next one).
 CHUNK_SIZES = (32, 16, 8, 4, 2, 1)
 _CONTEXT = DECODER_KERNEL - 1  # input frames a k7 convolution keeps from earlier steps
 _NOT_ENDED = 1 << 30  # frames: a sentinel far from int32 overflow in position arithmetic
@@ -127,10 +128,14 @@ def _audible(first, count: int, end, *, hop: int, shift: int):
 
 
 def step(model: Losatok, state: StreamState, z_chunk, rows=None,
-         layers: Sequence | None = None) -> tuple[StreamState, jax.Array]:
+         layers: Sequence | None = None, latents=None) -> tuple[StreamState, jax.Array]:
     """Takes (B, t, D) latents, one chunk per stream; returns the new state and (B, t · 640)
     samples of audio: the stream delayed by `right_context_samples` (zeros before its start and past
     its end). Pure and traceable; each chunk length compiles once.
+
+    `latents` (an int32 scalar, may be traced), if given, says that only the chunk's first
+    `latents` latents are real: the rest is padding, which the state skips and whose audio
+    (from sample `latents` · 640 on) is zeros.
 
     `rows` ((B,) bool), if given, advances only those streams (the others keep their state and
     their audio is zeros). `layers` optionally holds the ConvNeXt blocks' weights as one tree
@@ -144,6 +149,7 @@ def step(model: Losatok, state: StreamState, z_chunk, rows=None,
     backbone = tokenizer["decoder"]["backbone"]
     z_chunk = jnp.asarray(z_chunk, jnp.float32)
     count = z_chunk.shape[1] * c.upsample_tokens
+    real = count if latents is None else jnp.asarray(latents, jnp.int32) * c.upsample_tokens
     first = state.frames  # position of the chunk's first frame
     block = decoder_block(c, dtype, same_padding=False)
     with full_float32_matmuls():
@@ -160,7 +166,7 @@ def step(model: Losatok, state: StreamState, z_chunk, rows=None,
             frames = jnp.concatenate([kept, h], axis=1)
             present = _present(first - half * (index + 1) - _CONTEXT, frames.shape[1], state.end)
             out = block.apply({"params": weights}, frames, present[..., None])[0]
-            return out, frames[:, -_CONTEXT:]
+            return out, _kept(frames, real)
 
         kept_per_layer = jnp.moveaxis(state.block_inputs, 1, 0)
         if layers is None:
@@ -178,21 +184,28 @@ def step(model: Losatok, state: StreamState, z_chunk, rows=None,
         bins = c.istft_n_fft // 2 + 1
         out = Linear(2 * bins, dtype=dtype, float32_output=True).apply({"params": head["out"]}, h)
     behind = half * (1 + c.decoder_depth)  # the ISTFT's frames trail the chunk by this many
-    present = _present(first - behind, count, state.end)[..., None]
+    real_frames = (jnp.arange(count) < real).astype(jnp.float32)
+    present = (_present(first - behind, count, state.end) * real_frames)[..., None]
     frames = spectral.istft_frames(out[..., :bins], out[..., bins:], c.istft_n_fft) * present
     window = spectral.hann_window(c.istft_n_fft) ** 2
-    signal, pending_signal = spectral.overlap_add_continued(frames, hop, state.signal)
+    signal, pending_signal = spectral.overlap_add_continued(frames, hop, state.signal, real)
     envelope, pending_envelope = spectral.overlap_add_continued(
-        jnp.broadcast_to(window * present, frames.shape), hop, state.envelope)
+        jnp.broadcast_to(window * present, frames.shape), hop, state.envelope, real)
     audio = spectral.normalise_overlap(signal, envelope)
     audio = audio * _audible(first - behind, count, state.end, hop=hop,
-                             shift=(c.istft_n_fft - hop) // 2)
-    new = StreamState(embed_inputs=inputs[:, -_CONTEXT:], block_inputs=jnp.moveaxis(kept, 0, 1),
+                             shift=(c.istft_n_fft - hop) // 2) * jnp.repeat(real_frames, hop)
+    new = StreamState(embed_inputs=_kept(inputs, real), block_inputs=jnp.moveaxis(kept, 0, 1),
                       signal=pending_signal, envelope=pending_envelope,
-                      frames=state.frames + count, end=state.end)
+                      frames=state.frames + real, end=state.end)
     if rows is None:
         return new, audio
     return _select(rows, new, state), jnp.where(rows[:, None], audio, 0.0)
+
+
+def _kept(frames, real):
+    """The last `_CONTEXT` of a convolution's input frames that are real: the window's kept
+    frames, then the chunk's `real` new ones (the rest is padding)."""
+    return jax.lax.dynamic_slice_in_dim(frames, real, _CONTEXT, axis=1)
 
 
 _step = jax.jit(step)
@@ -200,13 +213,15 @@ _end = jax.jit(end)
 _restart = jax.jit(restart)
 
 
-def _chunks(length: int) -> list[int]:
-    """`length` latents as CHUNK_SIZES, largest first."""
-    sizes = []
-    for size in CHUNK_SIZES:
-        sizes += [size] * (length // size)
-        length %= size
-    return sizes
+def _steps(length: int) -> list[tuple[int, int]]:
+    """(step size, real latents) for `length` latents: full steps of the largest size, then the
+    smallest size that holds the rest."""
+    largest = max(CHUNK_SIZES)
+    steps = [(largest, largest)] * (length // largest)
+    rest = length % largest
+    if rest:
+        steps.append((min(size for size in CHUNK_SIZES if size >= rest), rest))
+    return steps
 
 
 class StreamingDecoder:
@@ -290,8 +305,8 @@ class StreamingDecoder:
     def warmup(self) -> None:
         """Runs every program this decoder can run once, on zeros, so that no push, flush, end
         or reset compiles anything later; the decoder starts over."""
-        self.push(np.zeros((self.batch_size, sum(CHUNK_SIZES), self.model.config.decoder_dim),
-                           np.float32))
+        for size in CHUNK_SIZES:
+            self.push(np.zeros((self.batch_size, size, self.model.config.decoder_dim), np.float32))
         self.end([0])
         self.reset([0])
         self.flush()
@@ -315,13 +330,16 @@ class StreamingDecoder:
 
     def _run(self, state: StreamState, z: np.ndarray, rows=None):
         pieces, offset = [], 0
-        for size in _chunks(z.shape[1]):
-            state, audio = _step(self.model, state, z[:, offset:offset + size], rows, self._layers)
-            pieces.append(audio)
-            offset += size
+        for size, real in _steps(z.shape[1]):
+            chunk = np.zeros((self.batch_size, size, z.shape[2]), np.float32)
+            chunk[:, :real] = z[:, offset:offset + real]
+            state, audio = _step(self.model, state, chunk, rows, self._layers, np.int32(real))
+            pieces.append((audio, real * self.model.config.samples_per_token))
+            offset += real
         if not pieces:
             return state, np.zeros((self.batch_size, 0), np.float32)
-        return state, np.concatenate(jax.device_get(pieces), axis=1)
+        return state, np.concatenate([audio[:, :samples] for audio, samples
+                                      in jax.device_get(pieces)], axis=1)
 
     def _since_returned(self, audio: np.ndarray, first: int, stop: int | None = None):
         """The samples of `audio` (whose first is stream sample `first`) from the first not yet
