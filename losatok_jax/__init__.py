@@ -10,9 +10,9 @@ upstream PyTorch release; upstream's calls work as written:
 
 `losatok_jax.encode` and `losatok_jax.decode` are always these functions (`losatok_jax.api` holds
 them with `reconstruct`, `log_mels` and `warmup`); `StreamingDecoder` turns latents into audio
-as they arrive, with `losatok_jax.streaming` holding its pure, jittable step. The command-line tools are the modules
-`reconstruct`, `extract`, `latents_to_wav`, `train`, `convert` and `plan` (`python -m
-losatok_jax.<tool>`, or the `losatok-<tool>` console scripts; `losatok-decode` for
+as they arrive, with `losatok_jax.streaming` holding its pure, jittable step. The command-line
+tools are the modules `reconstruct`, `extract`, `latents_to_wav`, `train`, `convert` and `plan`
+(`python -m losatok_jax.<tool>`, or the `losatok-<tool>` console scripts; `losatok-decode` for
 `latents_to_wav`).
 """
 

@@ -9,9 +9,9 @@ The decoder has no attention. A latent becomes `upsample_tokens` frames (a trans
 convolution whose kernel equals its stride: no context); then come a k7 convolution and
 `decoder_depth` ConvNeXt blocks with k7 depthwise convolutions (each looks 3 frames ahead) and an
 ISTFT whose frames reach (n_fft - hop) / 2 samples ahead of the hop they are centred on. So a
-sample is final once the frames `right_context_samples` later have arrived, and each stage can run on
-new frames only: it keeps the last k - 1 frames of its input (the ISTFT, the sums its frames
-left for the hops ahead) as state.
+sample is final once the frames `right_context_samples` later have arrived, and each stage can
+run on new frames only: it keeps the last k - 1 frames of its input (the ISTFT, the sums its
+frames left for the hops ahead) as state.
 
 `init` and `step` are pure and jittable, for decoding inside a generation loop; `step`'s audio is
 the stream delayed by `right_context_samples`, zeros before the stream starts and after it ends.
@@ -154,7 +154,8 @@ def step(model: Losatok, state: StreamState, z_chunk, rows=None,
     block = decoder_block(c, dtype, same_padding=False)
     with full_float32_matmuls():
         x = ConvTranspose1d(c.embed_dim, c.upsample_tokens).apply(
-            {"params": tokenizer["upsampler"]}, z_chunk) * _present(first, count, state.end)[..., None]
+            {"params": tokenizer["upsampler"]}, z_chunk)
+        x = x * _present(first, count, state.end)[..., None]
         inputs = jnp.concatenate([state.embed_inputs, x], axis=1)
         embed = nn.Conv(c.decoder_embed_dim, (DECODER_KERNEL,), padding="VALID", dtype=dtype)
         h = layer_norm(1e-6).apply({"params": backbone["norm"]},

@@ -167,7 +167,8 @@ def test_rows_end_and_start_again_while_others_go_on(model):
     decoder.reset([1])  # and a new stream starts in row 1 at latent 15
     rest = [decoder.push(feed[:, 15:40]), decoder.flush()]
     row0 = np.concatenate([first, middle, *rest], axis=1)[0]
-    np.testing.assert_allclose(row0, np.asarray(losatok_jax.decode(model, z[:1]))[0], atol=AUDIO_TOL)
+    np.testing.assert_allclose(row0, np.asarray(losatok_jax.decode(model, z[:1]))[0],
+                               atol=AUDIO_TOL)
     ended = np.concatenate([first[1], tail[0]])
     np.testing.assert_allclose(ended, np.asarray(losatok_jax.decode(model, z[1:, :10]))[0],
                                atol=AUDIO_TOL)
