@@ -56,18 +56,6 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float,
 
 
 @functools.lru_cache(maxsize=None)
-def windowed_dft(n_fft: int) -> np.ndarray:
-    """The Hann window followed by an rfft of n_fft points, as one matrix (n_fft,
-    2 · (n_fft // 2 + 1)) whose product with a frame gives [real parts, imaginary parts]. Built in
-    float64."""
-    t, k = np.arange(n_fft)[:, None], np.arange(n_fft // 2 + 1)[None, :]
-    angle = 2.0 * np.pi * ((t * k) % n_fft) / n_fft
-    window = hann_window(n_fft).astype(np.float64)[:, None]
-    return np.concatenate([window * np.cos(angle), -window * np.sin(angle)],
-                          axis=1).astype(np.float32)
-
-
-@functools.lru_cache(maxsize=None)
 def windowed_inverse_dft(n_fft: int) -> np.ndarray:
     """irfft of n_fft points times the Hann window, as one matrix (2 · (n_fft // 2 + 1), n_fft)
     applied to [real parts, imaginary parts]: the ISTFT on the matrix units instead of an FFT.
@@ -87,33 +75,13 @@ def reflect_pad(audio: jax.Array, pad: int) -> jax.Array:
     return jnp.pad(audio, ((0, 0), (pad, pad)), mode="reflect")
 
 
-def frames(padded: jax.Array, *, n_fft: int, hop: int, num_frames: int,
-           offset: int = 0) -> jax.Array:
-    """(B, S) -> (B, num_frames, n_fft): frame f is `padded[:, offset + hop·f:][:, :n_fft]`.
-
-    The signal is cut into hop-long blocks and each frame is the concatenation of the few blocks
-    it spans, trimmed: reshapes and slices, which a TPU streams, instead of a gather of
-    overlapping windows. Samples past the signal's end are zeros (no frame asked for reads them).
-    """
-    first, shift = divmod(offset, hop)
-    spans = -(-(shift + n_fft) // hop)
-    batch, length = padded.shape
-    end = (first + num_frames + spans - 1) * hop
-    padded = jnp.pad(padded, ((0, 0), (0, max(0, end - length))))
-    blocks = padded[:, first * hop:end].reshape(batch, num_frames + spans - 1, hop)
-    joined = jnp.concatenate([blocks[:, i:i + num_frames] for i in range(spans)], axis=-1)
-    return joined[..., shift:shift + n_fft]
-
-
 def power_spectrogram(padded: jax.Array, *, n_fft: int, hop: int, num_frames: int,
                       offset: int = 0) -> jax.Array:
     """|STFT|² with a periodic Hann window of frames starting at `offset + hop·f` in an already
-    padded signal: (B, S) -> (B, num_frames, n_fft // 2 + 1). Window and DFT are one float32
-    matrix product (`windowed_dft`), which runs on a TPU's matrix units where an rfft does not."""
-    spectrum = jnp.matmul(frames(padded, n_fft=n_fft, hop=hop, num_frames=num_frames,
-                                 offset=offset), windowed_dft(n_fft), precision=_HIGHEST)
-    real, imaginary = jnp.split(spectrum, 2, axis=-1)
-    return real ** 2 + imaginary ** 2
+    padded signal: (B, S) -> (B, num_frames, n_fft // 2 + 1)."""
+    index = offset + np.arange(num_frames)[:, None] * hop + np.arange(n_fft)[None, :]
+    spectrum = jnp.fft.rfft(padded[..., index] * hann_window(n_fft), axis=-1)
+    return jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
 
 
 def power_to_db(power: jax.Array, fb: np.ndarray) -> jax.Array:
