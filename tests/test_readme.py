@@ -72,7 +72,7 @@ def test_streaming_example_runs(model):
     [block] = [b for b in python_blocks() if "StreamingDecoder(" in b]
     z = np.random.default_rng(0).standard_normal((1, 30, 16)).astype(np.float32)
     played = []
-    namespace = {"losatok_jax": losatok_jax, "model": model, "play": played.append,
+    namespace = {"model": model, "play": played.append,
                  "generator": (z[:, a:b] for a, b in ((0, 1), (1, 8), (8, 8), (8, 30)))}
     exec(compile(block, "<README.md streaming example>", "exec"), namespace)
     np.testing.assert_allclose(np.concatenate(played, axis=1), losatok_jax.decode(model, z),
