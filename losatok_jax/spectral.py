@@ -75,12 +75,31 @@ def reflect_pad(audio: jax.Array, pad: int) -> jax.Array:
     return jnp.pad(audio, ((0, 0), (pad, pad)), mode="reflect")
 
 
+def frames(padded: jax.Array, *, n_fft: int, hop: int, num_frames: int,
+           offset: int = 0) -> jax.Array:
+    """(B, S) -> (B, num_frames, n_fft): frame f is `padded[:, offset + hop·f:][:, :n_fft]`.
+
+    The signal is cut into hop-long blocks and each frame is the concatenation of the few blocks
+    it spans, trimmed: reshapes and slices, which a TPU streams, instead of a gather of
+    overlapping windows. Samples past the signal's end are zeros (no frame asked for reads them).
+    """
+    first, shift = divmod(offset, hop)
+    spans = -(-(shift + n_fft) // hop)
+    batch, length = padded.shape
+    end = (first + num_frames + spans - 1) * hop
+    padded = jnp.pad(padded, ((0, 0), (0, max(0, end - length))))
+    blocks = padded[:, first * hop:end].reshape(batch, num_frames + spans - 1, hop)
+    joined = jnp.concatenate([blocks[:, i:i + num_frames] for i in range(spans)], axis=-1)
+    return joined[..., shift:shift + n_fft]
+
+
 def power_spectrogram(padded: jax.Array, *, n_fft: int, hop: int, num_frames: int,
                       offset: int = 0) -> jax.Array:
     """|STFT|² with a periodic Hann window of frames starting at `offset + hop·f` in an already
-    padded signal: (B, S) -> (B, num_frames, n_fft // 2 + 1)."""
-    index = offset + np.arange(num_frames)[:, None] * hop + np.arange(n_fft)[None, :]
-    spectrum = jnp.fft.rfft(padded[..., index] * hann_window(n_fft), axis=-1)
+    padded signal: (B, S) -> (B, num_frames, n_fft // 2 + 1). An rfft per frame rounds every
+    frame alike whatever the batch (a matrix product's rounding follows the batch's shape)."""
+    windowed = frames(padded, n_fft=n_fft, hop=hop, num_frames=num_frames, offset=offset)
+    spectrum = jnp.fft.rfft(windowed * hann_window(n_fft), axis=-1)
     return jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
 
 

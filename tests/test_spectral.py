@@ -37,6 +37,17 @@ def test_power_spectrogram_is_the_windowed_rfft_of_reflect_padded_frames():
     np.testing.assert_allclose(power, expected, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("n_fft,hop,offset", [(512, 160, 256), (1024, 160, 0), (64, 64, 3),
+                                              (30, 7, 13)])
+def test_frames_are_the_overlapping_windows_of_the_signal(n_fft, hop, offset):
+    signal = np.arange(2 * 900, dtype=np.float32).reshape(2, 900)
+    num_frames = (900 - offset - n_fft) // hop + 1
+    index = offset + np.arange(num_frames)[:, None] * hop + np.arange(n_fft)
+    np.testing.assert_array_equal(
+        spectral.frames(signal, n_fft=n_fft, hop=hop, num_frames=num_frames, offset=offset),
+        signal[:, index])
+
+
 def test_db_floor_follows_each_rows_own_peak():
     db = np.array([[[0.0, -200.0]], [[-50.0, -300.0]]], np.float32)  # (B=2, F=1, mels=2)
     peak = spectral.peak_db(db, np.ones((2, 1), bool))
