@@ -23,7 +23,6 @@ returns exactly the samples that are final.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import flax.linen as nn
@@ -252,7 +251,6 @@ class StreamingDecoder:
                                f"exact receptive field); got {lookahead_tokens!r}")
         self.model, self.batch_size, self.lookahead_tokens = model, int(batch_size), int(lookahead)
         self._lag = right_context_samples(model.config)  # how far `step`'s audio trails
-        self._drain_tokens = exact
         layers = per_layer_weights(model)
         self._layers = layers and layers["decoder"]
         self._device = next(iter(jax.tree.leaves(model.params)[0].devices()))
@@ -298,10 +296,7 @@ class StreamingDecoder:
     def end(self, rows: Sequence[int]) -> np.ndarray:
         """Ends the streams in `rows` and returns the rest of their audio, (len(rows), n)."""
         mask = self._rows(rows)
-        returned = self._returned
-        out = self._drain(mask)[np.flatnonzero(mask)]
-        self._returned = returned  # the other rows have not had these samples
-        return out
+        return self._drain(mask)[np.flatnonzero(mask)]
 
     def warmup(self) -> None:
         """Runs every program this decoder can run once, on zeros, so that no push, flush, end
@@ -321,13 +316,15 @@ class StreamingDecoder:
         returns every row's audio from the first sample not yet returned to the end."""
         first = self._stream_sample()
         self._state, audio = self._run(_end(self._state, rows), self._no_latents(), rows)
+        # Rows left running did not advance: their samples still count as not returned.
         return self._since_returned(audio, first,
-                                    self._pushed * self.model.config.samples_per_token)
+                                    self._pushed * self.model.config.samples_per_token,
+                                    advance=rows is None)
 
     def _no_latents(self) -> np.ndarray:
         """Latents to run streams past their end with (their values are never read)."""
-        return np.zeros((self.batch_size, self._drain_tokens, self.model.config.decoder_dim),
-                        np.float32)
+        c = self.model.config
+        return np.zeros((self.batch_size, right_context_tokens(c), c.decoder_dim), np.float32)
 
     def _run(self, state: StreamState, z: np.ndarray, rows=None):
         pieces, offset = [], 0
@@ -342,14 +339,17 @@ class StreamingDecoder:
         return state, np.concatenate([audio[:, :samples] for audio, samples
                                       in jax.device_get(pieces)], axis=1)
 
-    def _since_returned(self, audio: np.ndarray, first: int, stop: int | None = None):
+    def _since_returned(self, audio: np.ndarray, first: int, stop: int | None = None,
+                        advance: bool = True):
         """The samples of `audio` (whose first is stream sample `first`) from the first not yet
-        returned up to `stop` (default: all of it), which are then counted as returned."""
+        returned up to `stop` (default: all of it), which are then counted as returned unless
+        `advance` is False."""
         stop = first + audio.shape[1] if stop is None else min(stop, first + audio.shape[1])
         start = max(self._returned, first)
         if stop <= start:
             return np.zeros((self.batch_size, 0), np.float32)
-        self._returned = stop
+        if advance:
+            self._returned = stop
         return np.ascontiguousarray(audio[:, start - first:stop - first], np.float32)
 
     def _latents(self, z) -> np.ndarray:

@@ -1,8 +1,10 @@
 """What the tests share besides fixtures: the golden cases and their tolerances, test model
-sizes and configs, the converter as a user runs it, test audio, and per-layer programs."""
+sizes and configs, the converter as a user runs it, test audio, per-layer programs, and a count of
+what JAX compiles."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import flax.traverse_util
@@ -156,3 +158,29 @@ def moments_and_metrics(state, metrics) -> dict[str, np.ndarray]:
     moments = flax.traverse_util.flatten_dict(jax.device_get(optax.tree_utils.tree_get(state.opt_state, "mu")))
     return {**{"/".join(path): leaf for path, leaf in moments.items()},
             **{f"metric:{key}": value for key, value in jax.device_get(metrics).items()}}
+
+
+class _CompileLog(logging.Handler):
+    """Collects JAX's own "Compiling ..." log records (emitted with jax_log_compiles)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.compiled: list[str] = []
+
+    def emit(self, record):
+        if record.getMessage().startswith("Compiling"):
+            self.compiled.append(record.getMessage()[:120])
+
+
+def compiles_during(run) -> list[str]:
+    """The programs JAX compiles while `run()` runs."""
+    log, logger = _CompileLog(), logging.getLogger("jax")
+    logger.addHandler(log)
+    previous = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        run()
+    finally:
+        jax.config.update("jax_log_compiles", previous)
+        logger.removeHandler(log)
+    return log.compiled

@@ -9,12 +9,10 @@ seconds.
 
 from __future__ import annotations
 
-import logging
-
 import jax
 import numpy as np
 import pytest
-from helpers import broadband_audio
+from helpers import broadband_audio, compiles_during
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -155,39 +153,21 @@ def test_list_inputs_are_validated(model):
         losatok_jax.api.decode(model, [np.zeros(16, np.float32)])
 
 
-class _CompileCounter(logging.Handler):
-    """Counts JAX's own "Compiling ..." log records (emitted with jax_log_compiles)."""
-
-    def __init__(self):
-        super().__init__(logging.WARNING)
-        self.compiled: list[str] = []
-
-    def emit(self, record):
-        if record.getMessage().startswith("Compiling"):
-            self.compiled.append(record.getMessage()[:120])
-
-
 def test_no_compilation_after_warmup(model):
     buckets = Buckets(batch_sizes=(1, 4), num_tokens=(32, 256))
     programs = losatok_jax.warmup(model, buckets, features=("z",))
     assert programs == 2 * (1 + 3 + 3 * 2)  # per batch size: peak pass, then stem, layer and
     # finish programs for the 10-token encode and each of 2 decodes
-    counter = _CompileCounter()
-    logger = logging.getLogger("jax")
-    logger.addHandler(counter)
-    previous = jax.config.jax_log_compiles
-    jax.config.update("jax_log_compiles", True)
-    try:
+
+    def serve():
         rng = np.random.default_rng(0)
         for _ in range(5):
             lengths = rng.uniform(0.5, 60.0, size=rng.integers(1, 7)) * 16000
             clips = [clip_of(int(n), seed=int(n)) for n in lengths]
             latents = losatok_jax.encode(model, clips, buckets=buckets, features=("z",))
             losatok_jax.api.decode(model, [f["z"] for f in latents], buckets=buckets)
-    finally:
-        jax.config.update("jax_log_compiles", previous)
-        logger.removeHandler(counter)
-    assert counter.compiled == []
+
+    assert compiles_during(serve) == []
 
 
 # Decode rows of SMALL's 64 tokens: the long clip's last window shares a row with the 9-token

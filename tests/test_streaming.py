@@ -11,7 +11,7 @@ from losatok_jax import streaming
 from losatok_jax.api import StreamingDecoder
 from losatok_jax.config import RELEASED_CONFIG, load_config
 from losatok_jax.errors import LosatokError
-from helpers import AUDIO_TOL, GOLDEN_CASES
+from helpers import AUDIO_TOL, GOLDEN_CASES, compiles_during
 
 SAMPLES_PER_TOKEN = 640
 
@@ -114,25 +114,9 @@ def test_smaller_lookaheads_return_audio_sooner_and_approximate(model):
     assert all(np.diff(errors) < 0)  # each latent more of lookahead does better
 
 
-def _backend_compiles(run) -> int:
-    """How many programs XLA compiles while `run()` runs."""
-    events = []
-
-    def listen(event, *args, **kwargs):
-        if event == "/jax/core/compile/backend_compile_duration":
-            events.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
-        run()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listen)
-    return len(events)
-
-
 def test_nothing_compiles_after_warmup(model):
     decoder = StreamingDecoder(model, batch_size=2, lookahead_tokens=2)
-    assert _backend_compiles(decoder.warmup) > 0
+    assert compiles_during(decoder.warmup)
     z = _latents(2, 120, seed=4)
 
     def serve():
@@ -144,14 +128,14 @@ def test_nothing_compiles_after_warmup(model):
         decoder.push(z[:, 7:40])
         decoder.flush()
 
-    assert _backend_compiles(serve) == 0
+    assert compiles_during(serve) == []
 
 
 def test_api_warmup_covers_streaming(model):
     small = losatok_jax.Buckets(batch_sizes=(1,), num_tokens=(16,))
     assert losatok_jax.warmup(model, small, decode_too=False, stream_batch_sizes=(3,)) > 0
-    assert _backend_compiles(lambda: _stream(StreamingDecoder(model, batch_size=3),
-                                             _latents(3, 30, seed=6), [4, 11, 15])) == 0
+    assert compiles_during(lambda: _stream(StreamingDecoder(model, batch_size=3),
+                                           _latents(3, 30, seed=6), [4, 11, 15])) == []
 
 
 def test_rows_end_and_start_again_while_others_go_on(model):
