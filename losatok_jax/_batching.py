@@ -175,15 +175,28 @@ def decoder_halo(config: LosatokConfig) -> int:
     return math.ceil(frames / config.upsample_tokens)
 
 
-def window_buffer(config: LosatokConfig, clip: np.ndarray, start_token: int,
-                  window: int) -> np.ndarray:
+def window_buffer(config: LosatokConfig, clip: np.ndarray, start_token: int, window: int,
+                  out: np.ndarray | None = None) -> np.ndarray:
     """The reflect-padded samples that `window` tokens from `start_token` read, plus the 3
-    trailing frames a clip's last window may hold: (window_frames - 1) · hop + 2 · pad samples."""
+    trailing frames a clip's last window may hold: (window_frames - 1) · hop + 2 · pad samples,
+    written into `out` if given.
+
+    Samples inside the clip are one copy; only those before its start or past its end go through
+    the reflection (mirrored without the edge sample, and held at the first sample where even
+    the mirror runs out): cutting windows is on the host's path for every clip extracted."""
     begin = start_token * config.samples_per_token - config.front_end_pad
-    index = np.abs(np.arange(begin, begin + window_samples(config, window)))
-    last = len(clip) - 1
-    index = np.where(index > last, 2 * last - index, index)
-    return clip[np.clip(index, 0, last)]
+    length = window_samples(config, window)
+    if out is None:
+        out = np.empty(length, clip.dtype)
+    inside = slice(min(max(begin, 0), len(clip)), max(min(begin + length, len(clip)), 0))
+    out[inside.start - begin:inside.stop - begin] = clip[inside]
+    outside = np.r_[begin:min(inside.start, begin + length), max(inside.stop, begin):begin + length]
+    if len(outside):
+        last = len(clip) - 1
+        index = np.abs(outside)
+        index = np.where(index > last, 2 * last - index, index)
+        out[outside - begin] = clip[np.clip(index, 0, last)]
+    return out
 
 
 def window_frames(config: LosatokConfig, window: int) -> int:

@@ -89,7 +89,7 @@ def _window_rows(config: LosatokConfig, clips, group, window: int, size: int):
     buffers = np.zeros((size, _batching.window_samples(config, window)), np.float32)
     valid = np.full(size, frames, np.int32)
     for r, p in enumerate(group):
-        buffers[r] = _batching.window_buffer(config, clips[p.clip], p.start, window)
+        _batching.window_buffer(config, clips[p.clip], p.start, window, out=buffers[r])
         valid[r] = min(1 + len(clips[p.clip]) // config.hop_length
                        - p.start * config.frames_per_token, frames)
     return buffers, valid

@@ -131,3 +131,22 @@ def test_a_batch_plan_sets_each_length_its_batch(model, tmp_path):
             _batching.read_batch_plan(str(path), "float32")
     with pytest.raises(_batching.BatchPlanError, match="cannot read it"):
         _batching.read_batch_plan(str(tmp_path / "missing.json"), "float32")
+
+
+@settings(max_examples=200, deadline=None)
+@given(length=st.integers(1, 3000), start=st.integers(0, 40), window=st.sampled_from([1, 4, 10]))
+def test_a_window_buffer_is_the_reflect_padded_clip(model, length, start, window):
+    """Every sample of a window: the clip's own inside it, mirrored without the edge sample
+    outside it, held at the first sample where the mirror runs out (clips shorter than the
+    padding)."""
+    config = model.config
+    clip = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    start = min(start, config.num_tokens(length) - 1) if length >= config.min_samples else start
+    begin = start * config.samples_per_token - config.front_end_pad
+    index = np.abs(np.arange(begin, begin + _batching.window_samples(config, window)))
+    index = np.where(index > length - 1, 2 * (length - 1) - index, index)
+    expected = clip[np.clip(index, 0, length - 1)]
+    np.testing.assert_array_equal(_batching.window_buffer(config, clip, start, window), expected)
+    out = np.full(len(expected), np.nan, np.float32)
+    _batching.window_buffer(config, clip, start, window, out=out)
+    np.testing.assert_array_equal(out, expected)
