@@ -15,6 +15,8 @@ import numpy as np
 
 # Front-end matmuls are tiny; run them at full float32 precision on every backend.
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Rows of a TPU's (8, 128) tiles: STFTs compute a multiple of this many frames.
+_FRAME_TILE = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,9 +99,14 @@ def power_spectrogram(padded: jax.Array, *, n_fft: int, hop: int, num_frames: in
                       offset: int = 0) -> jax.Array:
     """|STFT|² with a periodic Hann window of frames starting at `offset + hop·f` in an already
     padded signal: (B, S) -> (B, num_frames, n_fft // 2 + 1). An rfft per frame rounds every
-    frame alike whatever the batch (a matrix product's rounding follows the batch's shape)."""
-    windowed = frames(padded, n_fft=n_fft, hop=hop, num_frames=num_frames, offset=offset)
-    spectrum = jnp.fft.rfft(windowed * hann_window(n_fft), axis=-1)
+    frame alike whatever the batch (a matrix product's rounding follows the batch's shape).
+
+    The transform runs on a whole number of 8-frame tiles and the extra frames are dropped: the
+    TPU compiler takes about half as long over an FFT whose frame count fills its 8-row tiles
+    (frame counts here are 4 · tokens + 3), and its speed estimate is unchanged."""
+    tiled = -(-num_frames // _FRAME_TILE) * _FRAME_TILE
+    windowed = frames(padded, n_fft=n_fft, hop=hop, num_frames=tiled, offset=offset)
+    spectrum = jnp.fft.rfft(windowed * hann_window(n_fft), axis=-1)[:, :num_frames]
     return jnp.real(spectrum) ** 2 + jnp.imag(spectrum) ** 2
 
 
