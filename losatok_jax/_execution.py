@@ -25,7 +25,8 @@ def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
     """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim).
 
     Every clip is cut into semantic-chunk windows (`_batching.encode_pieces`); a window's row is
-    the shortest encode length that holds it. Clips of several windows get their spectrogram
+    the shortest encode length that holds it. Each batch is started before the previous one's
+    results are fetched, so cutting windows overlaps the devices' work. Clips of several windows get their spectrogram
     peak from a first pass over their windows, so the 120 dB floor follows the whole clip.
     `progress("encoding", done, total)` is called after each batch.
     """
@@ -47,16 +48,27 @@ def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
             peaks[p.clip] = max(peaks[p.clip], window_peak[r])
         report.batch_done()
     outputs = _Outputs(tokens)
+
+    def place(group, running):
+        out = runner.to_host(running)
+        for r, p in enumerate(group):
+            outputs.place(p.clip, p.start, {k: out[k][r, :p.count] for k in keys})
+        report.batch_done()
+
+    running = None  # the batch on the devices while the next one is cut and started
     for length, group, size in batches:
         buffers, valid = _window_rows(c, clips, group, length, size)
         filler = [0] * (size - len(group))
         clip_peaks = np.array([peaks[p.clip] for p in group] + filler, np.float32)
         starts = np.array([p.start for p in group] + filler, np.int32)
         ids = _padded_ids(noise_ids, [p.clip for p in group], size)
-        out = runner.encode_windows(rng, buffers, valid, clip_peaks, ids, starts, keys)
-        for r, p in enumerate(group):
-            outputs.place(p.clip, p.start, {k: out[k][r, :p.count] for k in keys})
-        report.batch_done()
+        started = (group, runner.encode_windows(rng, buffers, valid, clip_peaks, ids, starts,
+                                                keys))
+        if running is not None:
+            place(*running)
+        running = started
+    if running is not None:
+        place(*running)
     return outputs.arrays
 
 

@@ -197,26 +197,40 @@ def run(args) -> Progress:
     failures_path = out / f"failures-{process:05d}.jsonl"
     rng = jax.random.key(args.seed)
     group_size = buckets.batch_sizes[-1] * runner.num_devices * 4
-    with open(failures_path, "w") as failures:
-        group: list[tuple[Entry, object]] = []
 
-        def flush():
-            if not group:
-                return
-            latents = encode(model, [audio.samples for _, audio in group], sample=args.sample,
-                             rng=rng, buckets=buckets, features=features, runner=runner,
-                             noise_ids=[noise_id(entry.id) for entry, _ in group])
-            for (entry, audio), clip in zip(group, latents):
-                duration = len(audio.samples) / SAMPLE_RATE
-                row = {"id": entry.id, "path": os.path.abspath(entry.path),
-                       "duration": duration, "sample_rate": SAMPLE_RATE}
-                if audio.missing_seconds:
-                    row["truncated_seconds"] = round(audio.missing_seconds, 6)
-                writer.write(row, clip)
-                progress.done += 1
-                progress.hours += duration / 3600
-            group.clear()
-            progress.show()
+    def write_group(members, latents):
+        for (entry, audio), clip in zip(members, latents):
+            duration = len(audio.samples) / SAMPLE_RATE
+            row = {"id": entry.id, "path": os.path.abspath(entry.path),
+                   "duration": duration, "sample_rate": SAMPLE_RATE}
+            if audio.missing_seconds:
+                row["truncated_seconds"] = round(audio.missing_seconds, 6)
+            writer.write(row, clip)
+            progress.done += 1
+            progress.hours += duration / 3600
+        progress.show()
+
+    # Records and statistics are written on their own thread, one group behind the encoding,
+    # so the main thread goes on cutting and starting batches; only that thread touches `writer`.
+    with open(failures_path, "w") as failures, \
+            concurrent.futures.ThreadPoolExecutor(1, "records") as records:
+        group: list[tuple[Entry, object]] = []
+        writing = None  # the previous group's records
+
+        def flush(wait: bool = False):
+            nonlocal writing
+            if group:
+                latents = encode(model, [audio.samples for _, audio in group],
+                                 sample=args.sample, rng=rng, buckets=buckets,
+                                 features=features, runner=runner,
+                                 noise_ids=[noise_id(entry.id) for entry, _ in group])
+                if writing is not None:
+                    writing.result()
+                writing = records.submit(write_group, list(group), latents)
+                group.clear()
+            if wait and writing is not None:
+                writing.result()
+                writing = None
 
         for entry, audio, reason in _prefetched(pending, args.num_workers,
                                                 model.config.min_samples, args.max_duration):
@@ -228,7 +242,7 @@ def run(args) -> Progress:
                     warnings.warn(message, TruncatedAudioWarning, stacklevel=1)
             if reason is not None:
                 if args.strict:
-                    flush()
+                    flush(wait=True)
                     writer.close()
                     raise ExtractError(f"{reason} (--strict)" if reason.startswith(entry.path)
                                        else f"{entry.path}: {reason} (--strict)")
@@ -240,7 +254,7 @@ def run(args) -> Progress:
             group.append((entry, audio))
             if len(group) >= group_size:
                 flush()
-        flush()
+        flush(wait=True)
     writer.close()
     _shards.merge(out)
     progress.line.end()

@@ -8,8 +8,9 @@
 
 A runner composes the stages of `_programs` into the three steps a plan needs (`window_peaks`,
 `encode_windows`, `decode_rows`); subclasses only place batches on devices their own way (`call`,
-`to_host`). Batch buckets and the token budget count per device: a batch holds `num_devices`
-times as much. Results equal single-device results; only the placement differs.
+`to_host`). `encode_windows` leaves its results on the devices until `to_host` fetches them.
+Batch buckets and the token budget count per device: a batch holds `num_devices` times as much.
+Results equal single-device results; only the placement differs.
 
 Across hosts, a `MeshRunner` over a global mesh runs one SPMD program: every process must then make
 the same sequence of calls with the same bucket shapes, each passing its own share of each batch.
@@ -80,11 +81,14 @@ class Runner:
         return self.to_host(self.call(_programs.window_peaks, (), (buffers, valid_frames)))
 
     def encode_windows(self, rng, buffers, valid_frames, peak_db, noise_ids, starts,
-                       keys=FEATURE_KEYS) -> dict[str, np.ndarray]:
+                       keys=FEATURE_KEYS) -> dict[str, jax.Array]:
+        """Starts encoding a batch of windows and returns its features where they are computed
+        (`to_host` brings them back): JAX dispatches asynchronously, so the host can prepare
+        the next batch while this one runs."""
         stem = self.call(_programs.encode_stem, (), (buffers, valid_frames, peak_db))
         chunks = self.run_stack("semantic", stem["chunks"], stem["chunk_mask"])
-        return self.to_host(self.call(_programs.encode_finish, (rng,),
-                                      (stem, chunks, noise_ids, starts), keys=keys))
+        return self.call(_programs.encode_finish, (rng,), (stem, chunks, noise_ids, starts),
+                         keys=keys)
 
     def decode_rows(self, z, token_mask) -> np.ndarray:
         """Latent rows (B, T, D) with `token_mask` (B, T) marking real latents -> audio."""

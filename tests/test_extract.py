@@ -168,6 +168,32 @@ def test_rerun_skips_completed_clips(extracted, checkpoint, audio_folder):
     assert sorted(p.name for p in extracted.glob("*.array_record")) == before
 
 
+def test_a_failed_write_stops_the_run_with_earlier_groups_committed(checkpoint, audio_folder,
+                                                                    tmp_path, monkeypatch):
+    """Records are written on their own thread, a group behind the encoding: a write that fails
+    there stops the run in the main thread, and every group before it is complete."""
+    from losatok_jax import _shards, extract
+
+    write, calls = _shards.GroupWriter.write, []
+
+    def failing_write(self, info, features):
+        calls.append(info["id"])
+        if len(calls) == 6:
+            raise OSError(28, "No space left on device")
+        write(self, info, features)
+
+    monkeypatch.setattr(_shards.GroupWriter, "write", failing_write)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="No space left"):
+        extract.main(["--model_path", str(checkpoint), "--input", str(audio_folder),
+                      "--output_dir", str(out), "--shard_size", "2", "--batch_size", "1",
+                      "--buckets", "64", "--num_workers", "1"])
+    # Groups of 4 clips (batch 1 x 4): the first group's two shards are committed.
+    assert len(calls) == 6
+    assert len(list(out.glob("latents-*.index.jsonl"))) == 2
+    assert len(read_records(out)) == 4
+
+
 def test_compute_dtype_and_a_rerun_with_other_settings(checkpoint, audio_folder, tmp_path,
                                                       model):
     """bfloat16 compute gives latents near float32's; the folder records it, and a re-run into
