@@ -7,12 +7,15 @@
 2. `extract` with the tiny model (its compute is small; its semantic chunk set to the released
    model's, so a clip is cut into as many windows), over 16 kHz WAV (nearly free to decode)
    and over MP3, from its first clip to its last (model loading, compiling and the final merge
-   left out), with the main process's time per clip split into waiting for decoded audio,
-   encoding (planning, padding, transfers), running the tiny model's programs (on this CPU:
-   on an accelerator that time is the chips'), writing records and statistics, and the rest
-   (the loop's own bookkeeping).
-3. The host's ceiling: decoding spread over every core, and the main process alone; against the
-   chips' projected speed from a `plan` results file (`--plan`, default the v5e-8 one).
+   left out), with the main thread's time per clip split into waiting for decoded audio,
+   encoding (cutting windows, starting batches, placing results), waiting for the tiny model's
+   results (on this CPU: on an accelerator that time is the chips'), and the rest (the loop's
+   own bookkeeping, waiting for the records thread); and the records thread's time (writing
+   records and statistics, beside the main thread).
+3. The host's ceiling: decoding spread over every core, and the main process alone (both
+   threads' work added up, since they share one interpreter, and the main thread's other time
+   counted as work too: a bound from below); against the chips' projected speed from a `plan`
+   results file (`--plan`, default the v5e-8 one).
 """
 
 from __future__ import annotations
@@ -102,11 +105,13 @@ def decode_rate(paths: list[Path]) -> float:
 
 
 class _Timer:
-    """Adds up the main process's time in the calls it wraps."""
+    """Adds up the time spent in the calls it wraps (a call inside another call of the same
+    key counts once)."""
 
     def __init__(self):
         self.seconds = {"waiting for decoded audio": 0.0, "encoding": 0.0,
-                        "running the tiny model": 0.0, "writing records and statistics": 0.0}
+                        "running the tiny model": 0.0, "records thread": 0.0}
+        self._inside: set[str] = set()
 
     def mark_end(self, function):
         def marked(*args, **kwargs):
@@ -116,11 +121,15 @@ class _Timer:
 
     def wrap(self, key: str, function):
         def timed(*args, **kwargs):
+            if key in self._inside:
+                return function(*args, **kwargs)
+            self._inside.add(key)
             start = time.perf_counter()
             try:
                 return function(*args, **kwargs)
             finally:
                 self.seconds[key] += time.perf_counter() - start
+                self._inside.discard(key)
         return timed
 
     def wrap_iterator(self, key: str, generator_function):
@@ -144,13 +153,13 @@ def extract_split(checkpoint_dir: Path, audio: Path, out: Path, workers: int) ->
     timer = _Timer()
     patches = [(api, "encode", timer.wrap("encoding", api.encode)),
                (_shards.GroupWriter, "write",
-                timer.wrap("writing records and statistics", _shards.GroupWriter.write)),
+                timer.wrap("records thread", _shards.GroupWriter.write)),
                (extract, "_prefetched",
                 timer.wrap_iterator("waiting for decoded audio", extract._prefetched)),
                (_shards, "merge", timer.mark_end(_shards.merge))] + [
                    (runners.Runner, name, timer.wrap("running the tiny model",
                                                      getattr(runners.Runner, name)))
-                   for name in ("window_peaks", "encode_windows")]
+                   for name in ("window_peaks", "encode_windows", "to_host")]
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     for owner, name, replacement in patches:
         setattr(owner, name, replacement)
@@ -168,8 +177,10 @@ def extract_split(checkpoint_dir: Path, audio: Path, out: Path, workers: int) ->
     clips = len(list(audio.iterdir()))
     loop = timer.end - timer.start
     split = {key: value / clips for key, value in timer.seconds.items()}
-    split["encoding"] -= split["running the tiny model"]  # planning, padding, transfers
+    split["encoding"] -= split["running the tiny model"]  # cutting, starting, placing
+    records = split.pop("records thread")
     split["everything else"] = loop / clips - sum(split.values())
+    split["records thread (beside the main thread)"] = records
     return {"clips": clips, "wall_s": wall, "loop_s": loop, "main_process_s_per_clip": split,
             "summary": stdout.getvalue().strip().splitlines()[-1]}
 
