@@ -25,10 +25,10 @@ def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
     """Encodes 1-D clips of any lengths; returns per clip the `keys` features, each (T_i, dim).
 
     Every clip is cut into semantic-chunk windows (`_batching.encode_pieces`); a window's row is
-    the shortest encode length that holds it. Each batch is started before the previous one's
-    results are fetched, so cutting windows overlaps the devices' work. Clips of several windows get their spectrogram
-    peak from a first pass over their windows, so the 120 dB floor follows the whole clip.
-    `progress("encoding", done, total)` is called after each batch.
+    the shortest encode length that holds it. Clips of several windows get their spectrogram
+    peak from a first pass over their windows, so the 120 dB floor follows the whole clip. Each
+    batch is started before the previous one's results are fetched, so cutting windows overlaps
+    the devices' work. `progress("encoding", done, total)` is called after each batch.
     """
     c = runner.model.config
     tokens = [c.num_tokens(len(clip)) for clip in clips]
