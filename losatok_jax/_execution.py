@@ -184,9 +184,11 @@ class PlannedProgram(NamedTuple):
 
 
 def program_plan(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
-                 keys: Sequence[str] = FEATURE_KEYS, decode_too: bool = True):
+                 keys: Sequence[str] = FEATURE_KEYS, decode_too: bool = True,
+                 largest_batch_only: bool = False):
     """Yields every program `runner` runs for plans within `buckets`, each stage lowered from
-    the outputs of the stage before, as `encode_clips` and `decode_latents` chain them."""
+    the outputs of the stage before, as `encode_clips` and `decode_latents` chain them; with
+    `largest_batch_only`, only each length's largest batch bucket (what full batches run)."""
     c = runner.model.config
     rng = jax.random.key(0) if sample else None
     chunk = c.semantic.chunk_tokens
@@ -196,11 +198,15 @@ def program_plan(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: 
         def batch(*shape, dtype=jnp.float32):
             return runner.batch_spec((rows, *shape), dtype)
 
+        def runs(tokens: int) -> bool:
+            largest = buckets.max_batch(tokens)
+            return b == largest if largest_batch_only else b <= largest
+
         ints, floats = batch(dtype=jnp.int32), batch()
-        if b <= buckets.max_batch(chunk):
+        if runs(chunk):
             yield PlannedProgram("encode", chunk, b, "peaks", runner.lower(
                 _programs.window_peaks, (), (batch(_batching.window_samples(c, chunk)), ints)))
-        for k in (k for k in buckets.encode_lengths(c) if b <= buckets.max_batch(k)):
+        for k in (k for k in buckets.encode_lengths(c) if runs(k)):
             stem = runner.lower(_programs.encode_stem, (),
                                 (batch(_batching.window_samples(c, k)), ints, floats))
             features = runner.outputs(stem)
@@ -209,7 +215,7 @@ def program_plan(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: 
                                   (features, runner.outputs(stack), ints, ints), keys=tuple(keys))
             for stage, lowered in (("stem", stem), ("stack", stack), ("finish", finish)):
                 yield PlannedProgram("encode", k, b, stage, lowered)
-        for k in (k for k in buckets.num_tokens if decode_too and b <= buckets.max_batch(k)):
+        for k in (k for k in buckets.num_tokens if decode_too and runs(k)):
             stem = runner.lower(_programs.decode_stem, (),
                                 (batch(k, c.decoder_dim), batch(k, dtype=jnp.bool_)))
             x, keep = runner.outputs(stem)

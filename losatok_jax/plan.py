@@ -234,14 +234,15 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
         return [consecutive_layers.lower(two, x, mask, config=config, dtype=model.dtype,
                                          stack=stack, count=count) for count in (1, 2)]
 
-    planned = [program for program in program_plan(runner, buckets, keys=("z",),
-                                                   decode_too="decode" in operations)
+    planned = (program for program in program_plan(runner, buckets, keys=("z",),
+                                                   decode_too="decode" in operations,
+                                                   largest_batch_only=True)
                if program.operation in operations
-               and program.batch == buckets.max_batch(program.tokens)
-               ] if {"encode", "decode"} & set(operations) else []
-    jobs = [(program, [program.lowered] + (layer_programs(program)
+               ) if {"encode", "decode"} & set(operations) else ()
+    # A generator: the pool starts compiling the first programs while the rest are lowered.
+    jobs = ((program, [program.lowered] + (layer_programs(program)
                                           if program.stage == "stack" else []))
-            for program in planned]
+            for program in planned)
 
     def compile_job(job):
         program, lowered = job
