@@ -185,10 +185,11 @@ class PlannedProgram(NamedTuple):
 
 def program_plan(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: bool = False,
                  keys: Sequence[str] = FEATURE_KEYS, decode_too: bool = True,
-                 largest_batch_only: bool = False):
+                 encode_too: bool = True, largest_batch_only: bool = False):
     """Yields every program `runner` runs for plans within `buckets`, each stage lowered from
-    the outputs of the stage before, as `encode_clips` and `decode_latents` chain them; with
-    `largest_batch_only`, only each length's largest batch bucket (what full batches run)."""
+    the outputs of the stage before, as `encode_clips` and `decode_latents` chain them
+    (`encode_too`, `decode_too`: which of the two); with `largest_batch_only`, only each
+    length's largest batch bucket (what full batches run)."""
     c = runner.model.config
     rng = jax.random.key(0) if sample else None
     chunk = c.semantic.chunk_tokens
@@ -203,10 +204,10 @@ def program_plan(runner: Runner, buckets: Buckets = DEFAULT_BUCKETS, *, sample: 
             return b == largest if largest_batch_only else b <= largest
 
         ints, floats = batch(dtype=jnp.int32), batch()
-        if runs(chunk):
+        if encode_too and runs(chunk):
             yield PlannedProgram("encode", chunk, b, "peaks", runner.lower(
                 _programs.window_peaks, (), (batch(_batching.window_samples(c, chunk)), ints)))
-        for k in (k for k in buckets.encode_lengths(c) if runs(k)):
+        for k in (k for k in buckets.encode_lengths(c) if encode_too and runs(k)):
             stem = runner.lower(_programs.encode_stem, (),
                                 (batch(_batching.window_samples(c, k)), ints, floats))
             features = runner.outputs(stem)

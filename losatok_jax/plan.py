@@ -234,11 +234,8 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
         return [consecutive_layers.lower(two, x, mask, config=config, dtype=model.dtype,
                                          stack=stack, count=count) for count in (1, 2)]
 
-    planned = (program for program in program_plan(runner, buckets, keys=("z",),
-                                                   decode_too="decode" in operations,
-                                                   largest_batch_only=True)
-               if program.operation in operations
-               ) if {"encode", "decode"} & set(operations) else ()
+    planned = program_plan(runner, buckets, keys=("z",), encode_too="encode" in operations,
+                           decode_too="decode" in operations, largest_batch_only=True)
     # A generator: the pool starts compiling the first programs while the rest are lowered.
     jobs = ((program, [program.lowered] + (layer_programs(program)
                                           if program.stage == "stack" else []))
