@@ -16,9 +16,10 @@ operation and bucket, per chip:
 - the compiler's time estimate as × realtime per chip and as a fraction of the chip's bfloat16
   peak. The estimate is corrected twice: each `ConcatBitcast` custom call carries a −1 s
   sentinel, removed; a scan's body is costed once, so a stack is costed as an unrolled one
-  would be, from the same layer compiled once and twice in a row with the same per-chip shapes:
-  one layer's cost plus (depth − 1) times what the second layer adds (FLOPs exact; the time
-  close to a fully unrolled stack's, which takes minutes per bucket to compile);
+  would be, from its first layer, and its first two, compiled straight-line on the whole
+  stack's weights with the same per-chip shapes: one layer's cost plus (depth − 1) times what
+  the second adds (the compiler's cost grows by the same amount with every layer, so this is
+  a fully unrolled stack's estimate, which takes minutes per bucket to compile);
 - compile time (programs compile on `--workers` threads).
 With `--hours H` it projects chip-hours and wall time for the slice (clips of a semantic chunk
 or longer, and the slowest bucket's worst case); with `--input DIR` (a folder or manifest), for
@@ -161,8 +162,8 @@ def measure(lowered, chips: int) -> dict:
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "stack", "count"))
 def consecutive_layers(weights, x, mask, *, config, dtype: str, stack: str, count: int):
-    """The first `count` layers of `LAYER_STACKS[stack]` unrolled (`weights` stacked per layer):
-    what a scan's body costs once, and twice in a row."""
+    """The first `count` layers of `LAYER_STACKS[stack]` unrolled, each sliced from `weights`
+    (the whole stack's, stacked per layer): what an unrolled stack's first layers cost."""
     for i in range(count):
         x = _programs.apply_layer(jax.tree.map(lambda w, i=i: w[i], weights), x, mask,
                                   config=config, dtype=dtype, stack=stack, max_rows=None)
@@ -193,12 +194,13 @@ def _cost_as_unrolled(result: dict, base: dict, once: dict, twice: dict, depth: 
     result["compile_seconds"] += once["compile_seconds"] + twice["compile_seconds"]
 
 
-def _two_layers(model, stack: str, sharding):
-    """The weights of a stack's first two layers, abstract, on `sharding`."""
+def _stack_weights(model, stack: str, sharding):
+    """A stack's weights, every layer's as the scan takes them, abstract, on `sharding`. The
+    layer programs of the estimate slice them as the scan does: given only two layers' weights,
+    the compiler lays them out otherwise and costs the same layers up to 5x higher."""
     from losatok_jax.runners import stacked_weights
 
-    return jax.tree.map(lambda w: jax.ShapeDtypeStruct((2, *w.shape[1:]), w.dtype,
-                                                       sharding=sharding),
+    return jax.tree.map(lambda w: jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding),
                         stacked_weights(model, stack))
 
 
@@ -226,12 +228,12 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
         return jax.ShapeDtypeStruct(shape, dtype, sharding=one_chip)
 
     def layer_programs(program):
-        """The stack's layer once and twice in a row, on one chip's rows."""
+        """The stack's first layer, and its first two, unrolled on one chip's rows."""
         stack = stack_of[program.operation]
-        two = _two_layers(model, stack, one_chip)
+        weights = _stack_weights(model, stack, one_chip)
         (args, _) = program.lowered.args_info
         x, mask = (on_one_chip((a.shape[0] // chips, *a.shape[1:]), a.dtype) for a in args[1:3])
-        return [consecutive_layers.lower(two, x, mask, config=config, dtype=model.dtype,
+        return [consecutive_layers.lower(weights, x, mask, config=config, dtype=model.dtype,
                                          stack=stack, count=count) for count in (1, 2)]
 
     planned = program_plan(runner, buckets, keys=("z",), encode_too="encode" in operations,
@@ -278,13 +280,13 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "stack", "count"))
 def consecutive_layers_gradient(weights, x, mask, *, config, dtype: str, stack: str, count: int):
-    """The gradient of `consecutive_layers` with respect to its weights and input: what one
-    layer, and two, cost in a training step's backward pass."""
-    def total(weights, x):
-        return jnp.sum(consecutive_layers(weights, x, mask, config=config, dtype=dtype,
+    """The gradient of `consecutive_layers` with respect to its layers' weights and its input:
+    what one layer, and two, cost in a training step's backward pass."""
+    def total(first, x):
+        return jnp.sum(consecutive_layers(first, x, mask, config=config, dtype=dtype,
                                           stack=stack, count=count).astype(jnp.float32))
 
-    return jax.grad(total, argnums=(0, 1))(weights, x)
+    return jax.grad(total, argnums=(0, 1))(jax.tree.map(lambda w: w[:count], weights), x)
 
 
 TRAIN_BATCH, TRAIN_SECONDS = 16, 2.0  # train's --batch_size and --segment_seconds defaults
@@ -327,10 +329,10 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
     depth = {"semantic": config.semantic.depth, "decoder": config.decoder_depth}
     lowered = [step]
     for stack, (x_shape, mask_shape, mask_dtype) in inputs.items():
-        two = _two_layers(model, stack, one_chip)
+        weights = _stack_weights(model, stack, one_chip)
         x = jax.ShapeDtypeStruct(x_shape, jnp.float32, sharding=one_chip)
         mask = jax.ShapeDtypeStruct(mask_shape, mask_dtype, sharding=one_chip)
-        lowered += [consecutive_layers_gradient.lower(two, x, mask, config=config,
+        lowered += [consecutive_layers_gradient.lower(weights, x, mask, config=config,
                                                       dtype="float32", stack=stack, count=count)
                     for count in (1, 2)]
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:

@@ -141,7 +141,12 @@ PLAN_SCRIPT = textwrap.dedent(r"""
     from losatok_jax.model import Losatok, full_float32_matmuls
     from losatok_jax.runners import stacked_weights
 
+    import dataclasses
     config = load_config(sys.argv[1])
+    # Deeper stacks than the tiny model's two layers, so that the plan's correction for the
+    # scans' other layers is tested: it compiles one layer and two, not the whole stack.
+    config = dataclasses.replace(config, decoder_depth=6,
+                                 semantic=dataclasses.replace(config.semantic, depth=6))
     report = plan.plan(config, plan.TARGETS["v5e-8"], dtype="bfloat16", batch_size=2,
                        num_tokens=(32, 64))
     # Independently: each stage jitted on one chip with that chip's rows, stacks unrolled.

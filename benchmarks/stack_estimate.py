@@ -1,0 +1,101 @@
+"""How exact is `plan`'s time estimate for a layer stack? Against a fully unrolled compile.
+
+    python -m benchmarks.stack_estimate [--target v5e-8] [--encode 16,100,252]
+        [--decode 16,252,1512] [--output FILE.json]
+
+The compiler costs a scan's body once, so `plan` costs each stack (released config, bfloat16,
+extraction's batch) from its first layer and its first two compiled straight-line, each sliced
+from the whole stack's weights: one layer plus (depth - 1) times what the second adds. This
+compiles, per bucket, the whole stack unrolled (all 32 or 12 layers straight-line, minutes per
+bucket) and sets its estimate beside `plan`'s; also beside the same extrapolation from layers
+given only two layers' weights (the compiler lays a two-layer stack out otherwise), and beside
+depth times the scan program's own estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+
+from losatok_jax import _batching, plan
+from losatok_jax._execution import program_plan
+from losatok_jax.config import RELEASED_CONFIG, load_config
+
+
+def _tokens(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def measure_bucket(config, runner, devices, model, operation: str, tokens: int) -> dict:
+    chips = len(devices)
+    stack = {"encode": "semantic", "decode": "decoder"}[operation]
+    depth = {"semantic": config.semantic.depth, "decoder": config.decoder_depth}[stack]
+    buckets = _batching.extraction_buckets(8, (tokens,))
+    [program] = [p for p in program_plan(runner, buckets, keys=("z",), largest_batch_only=True,
+                                         encode_too=operation == "encode",
+                                         decode_too=operation == "decode")
+                 if p.stage == "stack" and p.tokens == tokens]
+    one_chip = jax.sharding.SingleDeviceSharding(devices[0])
+    (args, _) = program.lowered.args_info
+    x, mask = (jax.ShapeDtypeStruct((a.shape[0] // chips, *a.shape[1:]), a.dtype,
+                                    sharding=one_chip) for a in args[1:3])
+    whole = plan._stack_weights(model, stack, one_chip)
+    two = jax.tree.map(lambda w: jax.ShapeDtypeStruct((2, *w.shape[1:]), w.dtype,
+                                                      sharding=one_chip), whole)
+
+    def layers(weights, count: int) -> dict:
+        return plan.measure(plan.consecutive_layers.lower(
+            weights, x, mask, config=config, dtype=model.dtype, stack=stack, count=count), 1)
+
+    def extrapolated(weights) -> tuple[float, float]:
+        once, twice = layers(weights, 1), layers(weights, 2)
+        return (once["estimated_seconds"]
+                + (depth - 1) * (twice["estimated_seconds"] - once["estimated_seconds"]),
+                once["compile_seconds"] + twice["compile_seconds"])
+
+    scan = plan.measure(program.lowered, chips)
+    estimate, estimate_compile = extrapolated(whole)
+    two_layer_estimate, _ = extrapolated(two)
+    unrolled = layers(whole, depth)
+    return {"operation": operation, "tokens": tokens, "batch_per_chip": program.batch,
+            "depth": depth,
+            "unrolled_seconds": unrolled["estimated_seconds"],
+            "plan_seconds": estimate,
+            "plan_over_unrolled": estimate / unrolled["estimated_seconds"],
+            "two_layer_weights_seconds": two_layer_estimate,
+            "two_layer_weights_over_unrolled":
+                two_layer_estimate / unrolled["estimated_seconds"],
+            "depth_times_scan_seconds": depth * scan["estimated_seconds"],
+            "depth_times_scan_over_unrolled":
+                depth * scan["estimated_seconds"] / unrolled["estimated_seconds"],
+            "compile_seconds": {"unrolled": unrolled["compile_seconds"],
+                                "plan_layers": estimate_compile,
+                                "scan": scan["compile_seconds"]}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="v5e-8", choices=sorted(plan.TARGETS))
+    parser.add_argument("--encode", type=_tokens, default=[16, 100, 252])
+    parser.add_argument("--decode", type=_tokens, default=[16, 252, 1512])
+    parser.add_argument("--output", default=None)
+    args = parser.parse_args()
+    config = load_config(RELEASED_CONFIG)
+    target = plan.TARGETS[args.target]
+    devices, model, runner = plan._slice(config, target, "bfloat16")
+    rows = []
+    for operation, buckets in (("encode", args.encode), ("decode", args.decode)):
+        for tokens in buckets:
+            rows.append(measure_bucket(config, runner, devices, model, operation, tokens))
+            print(json.dumps(rows[-1]), flush=True)
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump({"target": target.topology, "dtype": "bfloat16", "rows": rows}, f,
+                      indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()
