@@ -48,6 +48,20 @@ def test_groups_are_committed_by_their_index_and_merged(tmp_path, format):
             assert sidecar["path"] == info["path"] and sidecar["num_tokens"] == len(saved)
 
 
+def test_records_are_stored_uncompressed(tmp_path):
+    """Latents barely compress, and compressing them costs the host more than writing them."""
+    writer = _shards.GroupWriter(tmp_path, 0, 32, "arrayrecord", "float32")
+    rng = np.random.default_rng(0)
+    payload = 0
+    for info, _ in _clips(32):
+        z = rng.standard_normal((250, 128)).astype(np.float32)
+        writer.write(info, {"z": z})
+        payload += z.nbytes
+    [shard] = tmp_path.glob("*.array_record")
+    # Compressed (ArrayRecord's default), these floats took 0.94 of their bytes.
+    assert shard.stat().st_size >= payload
+
+
 def test_a_group_without_its_index_is_redone(tmp_path):
     writer = _shards.GroupWriter(tmp_path, 0, 2, "arrayrecord", "float32")
     clips = list(_clips(4))
