@@ -7,21 +7,33 @@ The compiler costs a scan's body once, so `plan` costs each stack (released conf
 extraction's batch) from its first layer and its first two compiled straight-line, each sliced
 from the whole stack's weights: one layer plus (depth - 1) times what the second adds. This
 compiles, per bucket, the whole stack unrolled (all 32 or 12 layers straight-line, minutes per
-bucket) and sets its estimate beside `plan`'s; also beside the same extrapolation from layers
-given only two layers' weights (the compiler lays a two-layer stack out otherwise), and beside
-depth times the scan program's own estimate.
+bucket) and sets its estimate beside `plan`'s, and beside cheaper ways that were tried: the
+same extrapolation from layers given only two layers' weights (the compiler lays a two-layer
+stack out otherwise), depth times one layer, depth times the scan program's own estimate, and
+the scan unrolled by two (its body two layers) extrapolated like the layers.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import jax
 
-from losatok_jax import _batching, plan
+from losatok_jax import _batching, _programs, plan
 from losatok_jax._execution import program_plan
 from losatok_jax.config import RELEASED_CONFIG, load_config
+
+
+@functools.partial(jax.jit, static_argnames=("config", "dtype", "stack", "unroll"))
+def scanned_layers(weights, x, mask, *, config, dtype: str, stack: str, unroll: int):
+    """Every layer of the stack as a scan whose body holds `unroll` layers."""
+    def layer(x, weights):
+        return _programs.apply_layer(weights, x, mask, config=config, dtype=dtype, stack=stack,
+                                     max_rows=None), None
+
+    return jax.lax.scan(layer, x, weights, unroll=unroll)[0]
 
 
 def _tokens(text: str) -> list[int]:
@@ -49,15 +61,19 @@ def measure_bucket(config, runner, devices, model, operation: str, tokens: int) 
         return plan.measure(plan.consecutive_layers.lower(
             weights, x, mask, config=config, dtype=model.dtype, stack=stack, count=count), 1)
 
-    def extrapolated(weights) -> tuple[float, float]:
-        once, twice = layers(weights, 1), layers(weights, 2)
+    def scanned(unroll: int) -> dict:
+        return plan.measure(scanned_layers.lower(
+            whole, x, mask, config=config, dtype=model.dtype, stack=stack, unroll=unroll), 1)
+
+    def extrapolated(once: dict, twice: dict) -> float:
         return (once["estimated_seconds"]
-                + (depth - 1) * (twice["estimated_seconds"] - once["estimated_seconds"]),
-                once["compile_seconds"] + twice["compile_seconds"])
+                + (depth - 1) * (twice["estimated_seconds"] - once["estimated_seconds"]))
 
     scan = plan.measure(program.lowered, chips)
-    estimate, estimate_compile = extrapolated(whole)
-    two_layer_estimate, _ = extrapolated(two)
+    once, twice = layers(whole, 1), layers(whole, 2)
+    estimate = extrapolated(once, twice)
+    two_layer_estimate = extrapolated(layers(two, 1), layers(two, 2))
+    unrolled_by_two = extrapolated(scanned(1), scanned(2))
     unrolled = layers(whole, depth)
     return {"operation": operation, "tokens": tokens, "batch_per_chip": program.batch,
             "depth": depth,
@@ -67,11 +83,16 @@ def measure_bucket(config, runner, devices, model, operation: str, tokens: int) 
             "two_layer_weights_seconds": two_layer_estimate,
             "two_layer_weights_over_unrolled":
                 two_layer_estimate / unrolled["estimated_seconds"],
+            "depth_times_one_layer_over_unrolled":
+                depth * once["estimated_seconds"] / unrolled["estimated_seconds"],
             "depth_times_scan_seconds": depth * scan["estimated_seconds"],
             "depth_times_scan_over_unrolled":
                 depth * scan["estimated_seconds"] / unrolled["estimated_seconds"],
+            "scan_unrolled_by_two_seconds": unrolled_by_two,
+            "scan_unrolled_by_two_over_unrolled": unrolled_by_two / unrolled["estimated_seconds"],
             "compile_seconds": {"unrolled": unrolled["compile_seconds"],
-                                "plan_layers": estimate_compile,
+                                "plan_layers": once["compile_seconds"]
+                                + twice["compile_seconds"],
                                 "scan": scan["compile_seconds"]}}
 
 
