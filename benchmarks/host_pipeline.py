@@ -5,8 +5,8 @@
 1. Audio decoding per core, by format: `read_audio` (decode, downmix, resample to 16 kHz) over
    clips written in each format, one after another in this process.
 2. `extract` with the tiny model (its compute is small; its semantic chunk and latent width set
-   to the released model's, so a clip is cut into as many windows and stored as large), over 16 kHz WAV (nearly free to decode)
-   and over MP3, from its first clip to its last (model loading, compiling and the final merge
+   to the released model's, so a clip is cut into as many windows and stored as large), over
+   16 kHz WAV (nearly free to decode) and over MP3, from its first clip to its last (model loading, compiling and the final merge
    left out), with the main thread's time per clip split into waiting for decoded audio,
    encoding (cutting windows, starting batches, placing results), waiting for the tiny model's
    results (on this CPU: on an accelerator that time is the chips'), and the rest (the loop's
@@ -93,8 +93,9 @@ def host_side_config():
     that each record is as large: the host's work per clip is the same, the model's is next to
     nothing."""
     tiny, released = load_config(TINY_CONFIG), load_config(RELEASED_CONFIG)
-    return dataclasses.replace(tiny, decoder_dim=released.decoder_dim, semantic=dataclasses.replace(
-        tiny.semantic, target_length=released.semantic.target_length))
+    return dataclasses.replace(
+        tiny, decoder_dim=released.decoder_dim, semantic=dataclasses.replace(
+            tiny.semantic, target_length=released.semantic.target_length))
 
 
 def decode_rate(paths: list[Path]) -> float:

@@ -131,7 +131,7 @@ def test_tiny_model_compiles_for_a_two_host_v5e_slice():
 
 
 PLAN_SCRIPT = textwrap.dedent(r"""
-    import json, sys
+    import dataclasses, json, sys
     import jax
     from jax.experimental import topologies
     from losatok_jax import _programs, checkpoint, plan
@@ -141,7 +141,6 @@ PLAN_SCRIPT = textwrap.dedent(r"""
     from losatok_jax.model import Losatok, full_float32_matmuls
     from losatok_jax.runners import stacked_weights
 
-    import dataclasses
     config = load_config(sys.argv[1])
     # Deeper stacks than the tiny model's two layers, so that the plan's correction for the
     # scans' other layers is tested: it compiles one layer and two, not the whole stack.
