@@ -4,14 +4,14 @@
 
 1. Audio decoding per core, by format: `read_audio` (decode, downmix, resample to 16 kHz) over
    clips written in each format, one after another in this process.
-2. `extract` with the tiny model (its compute is small; its semantic chunk and latent width set
-   to the released model's, so a clip is cut into as many windows and stored as large), over
-   16 kHz WAV (nearly free to decode) and over MP3, from its first clip to its last (model loading, compiling and the final merge
-   left out), with the main thread's time per clip split into waiting for decoded audio,
-   encoding (cutting windows, starting batches, placing results), waiting for the tiny model's
-   results (on this CPU: on an accelerator that time is the chips'), and the rest (the loop's
-   own bookkeeping, waiting for the records thread); and the records thread's time (writing
-   records and statistics, beside the main thread).
+2. `extract` with the tiny model (its compute is small; its semantic chunk and latent width set to
+   the released model's, so a clip is cut into as many windows and stored as large), over 16 kHz
+   WAV (nearly free to decode) and over MP3, from its first clip to its last (model loading,
+   compiling and the final merge left out), with the main thread's time per clip split into waiting
+   for decoded audio, encoding (cutting windows, starting batches, placing results), waiting for
+   the tiny model's results (on this CPU: on an accelerator that time is the chips'), and the rest
+   (the loop's own bookkeeping, waiting for the records thread); and the records thread's time
+   (writing records and statistics, beside the main thread).
 3. The host's ceiling: decoding spread over every core, and the main process alone (both
    threads' work added up, since they share one interpreter, and the main thread's other time
    counted as work too: a bound from below); against the chips' projected speed from a `plan`

@@ -42,8 +42,8 @@ def _tokens(text: str) -> list[int]:
 
 def measure_bucket(config, runner, devices, model, operation: str, tokens: int) -> dict:
     chips = len(devices)
-    stack = {"encode": "semantic", "decode": "decoder"}[operation]
-    depth = {"semantic": config.semantic.depth, "decoder": config.decoder_depth}[stack]
+    stack = plan.STACK_OF[operation]
+    depth = plan.stack_depth(config, stack)
     buckets = _batching.extraction_buckets(8, (tokens,))
     [program] = [p for p in program_plan(runner, buckets, keys=("z",), largest_batch_only=True,
                                          encode_too=operation == "encode",
@@ -66,11 +66,14 @@ def measure_bucket(config, runner, devices, model, operation: str, tokens: int) 
             whole, x, mask, config=config, dtype=model.dtype, stack=stack, unroll=unroll), 1)
 
     def extrapolated(once: dict, twice: dict) -> float:
-        return (once["estimated_seconds"]
-                + (depth - 1) * (twice["estimated_seconds"] - once["estimated_seconds"]))
+        """`plan`'s correction applied to a pair of programs (one layer, and two)."""
+        result = dict(once)
+        plan._cost_as_unrolled(result, once, once, twice, depth)
+        return result["estimated_seconds"]
 
     scan = plan.measure(program.lowered, chips)
-    once, twice = layers(whole, 1), layers(whole, 2)
+    once, twice = (plan.measure(lowered, 1)
+                   for lowered in plan.first_layers(model, program, chips, one_chip))
     estimate = extrapolated(once, twice)
     two_layer_estimate = extrapolated(layers(two, 1), layers(two, 2))
     unrolled_by_two = extrapolated(scanned(1), scanned(2))

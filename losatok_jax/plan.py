@@ -204,6 +204,25 @@ def _stack_weights(model, stack: str, sharding):
                         stacked_weights(model, stack))
 
 
+STACK_OF = {"encode": "semantic", "decode": "decoder"}  # the layer stack each operation runs
+
+
+def stack_depth(config, stack: str) -> int:
+    return config.semantic.depth if stack == "semantic" else config.decoder_depth
+
+
+def first_layers(model, program, chips: int, chip) -> list:
+    """The estimate's programs for a planned stack `program`: its first layer, and its first
+    two, unrolled on one chip's rows (`chip`, a single-device sharding)."""
+    stack = STACK_OF[program.operation]
+    weights = _stack_weights(model, stack, chip)
+    (args, _) = program.lowered.args_info
+    x, mask = (jax.ShapeDtypeStruct((a.shape[0] // chips, *a.shape[1:]), a.dtype, sharding=chip)
+               for a in args[1:3])
+    return [consecutive_layers.lower(weights, x, mask, config=model.config, dtype=model.dtype,
+                                     stack=stack, count=count) for count in (1, 2)]
+
+
 def _param_bytes(model) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(model))
 
@@ -220,26 +239,12 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
     devices, model, runner = _slice(config, target, dtype)
     chips = len(devices)
     buckets = extraction_buckets(batch_size, num_tokens)
-    depth = {"semantic": config.semantic.depth, "decoder": config.decoder_depth}
-    stack_of = {"encode": "semantic", "decode": "decoder"}
     one_chip = jax.sharding.SingleDeviceSharding(devices[0])
-
-    def on_one_chip(shape, dtype):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=one_chip)
-
-    def layer_programs(program):
-        """The stack's first layer, and its first two, unrolled on one chip's rows."""
-        stack = stack_of[program.operation]
-        weights = _stack_weights(model, stack, one_chip)
-        (args, _) = program.lowered.args_info
-        x, mask = (on_one_chip((a.shape[0] // chips, *a.shape[1:]), a.dtype) for a in args[1:3])
-        return [consecutive_layers.lower(weights, x, mask, config=config, dtype=model.dtype,
-                                         stack=stack, count=count) for count in (1, 2)]
 
     planned = program_plan(runner, buckets, keys=("z",), encode_too="encode" in operations,
                            decode_too="decode" in operations, largest_batch_only=True)
     # A generator: the pool starts compiling the first programs while the rest are lowered.
-    jobs = ((program, [program.lowered] + (layer_programs(program)
+    jobs = ((program, [program.lowered] + (first_layers(model, program, chips, one_chip)
                                           if program.stage == "stack" else []))
             for program in planned)
 
@@ -249,7 +254,8 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
                            for i, lowering in enumerate(lowered)]
         if layers:  # the scan's body counts once: cost the stack as if unrolled
             once, twice = layers
-            _cost_as_unrolled(result, once, once, twice, depth[stack_of[program.operation]])
+            _cost_as_unrolled(result, once, once, twice,
+                              stack_depth(config, STACK_OF[program.operation]))
         if progress is not None:
             progress(f"compiled {program.operation} {program.tokens} tokens {program.stage} "
                      f"in {result['compile_seconds']:.1f} s")
@@ -326,7 +332,6 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
                            (rows * -(-tokens // chunk), chunk), jnp.bool_),
               "decoder": ((rows, frames, config.decoder_embed_dim), (rows, frames, 1),
                           jnp.float32)}
-    depth = {"semantic": config.semantic.depth, "decoder": config.decoder_depth}
     lowered = [step]
     for stack, (x_shape, mask_shape, mask_dtype) in inputs.items():
         weights = _stack_weights(model, stack, one_chip)
@@ -338,7 +343,7 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         result, *layers = pool.map(lambda lowering: measure(lowering, chips), lowered)
     for stack, once, twice in zip(inputs, layers[0::2], layers[1::2]):
-        _cost_as_unrolled(result, dict(result), once, twice, depth[stack])
+        _cost_as_unrolled(result, dict(result), once, twice, stack_depth(config, stack))
     audio_seconds = rows * samples / SAMPLE_RATE
     return {"operation": "train", "tokens": tokens, "batch_per_chip": rows,
             "audio_seconds_per_chip": audio_seconds,
