@@ -20,7 +20,7 @@ operation and bucket, per chip:
   stack's weights with the same per-chip shapes: one layer's cost plus (depth − 1) times what
   the second adds (the compiler's cost grows by the same amount with every layer, so this is
   a fully unrolled stack's estimate, which takes minutes per bucket to compile);
-- compile time (programs compile on `--workers` threads).
+- compile time (programs compile on `--workers` threads, which share the cores).
 With `--hours H` it projects chip-hours and wall time for the slice (clips of a semantic chunk
 or longer, and the slowest bucket's worst case); with `--input DIR` (a folder or manifest), for
 that corpus, each clip's windows at their own buckets. `--batch_plan FILE` also finds the
@@ -80,6 +80,7 @@ TARGETS.update({t.topology: t for t in list(TARGETS.values())})  # "v5e:2x4" wor
 COLLECTIVE = re.compile(r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|"
                         r"collective-permute)(?:-start)?\(")
 SENTINEL_SECONDS = 1.0  # each ConcatBitcast custom call adds -1 s to `optimal_seconds`
+COMPILE_THREADS_FLAG = "xla_jf_internal_num_threads"  # libtpu's code-generation threads
 
 
 def encode_flops(config, num_samples: int) -> float:
@@ -113,11 +114,24 @@ def decode_flops(config, tokens: int) -> float:
     return float(flops)
 
 
-def compile_only_devices(target: Target) -> list:
-    """The slice's chips as compile-only devices (libtpu must be installed)."""
+def share_cores(workers: int) -> None:
+    """Gives each of `workers` compiles running at once its share of the cores: the compiler's
+    code generation runs on a thread pool that otherwise takes every core, and two compiles that
+    each do so run slower together than two that split them. libtpu reads this when it loads,
+    once per process; a thread count already in $LIBTPU_INIT_ARGS is kept."""
+    flags = os.environ.get("LIBTPU_INIT_ARGS", "")
+    if COMPILE_THREADS_FLAG not in flags:
+        threads = max(1, len(os.sched_getaffinity(0)) // workers)
+        os.environ["LIBTPU_INIT_ARGS"] = f"{flags} --{COMPILE_THREADS_FLAG}={threads}".strip()
+
+
+def compile_only_devices(target: Target, workers: int = 1) -> list:
+    """The slice's chips as compile-only devices (libtpu must be installed), for compiling
+    `workers` programs at a time (`share_cores`)."""
     require("libtpu", "tpu", "compiling for TPUs")
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-8")  # quiets libtpu's probing
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    share_cores(workers)
     from jax.experimental import topologies
 
     try:
@@ -170,9 +184,9 @@ def consecutive_layers(weights, x, mask, *, config, dtype: str, stack: str, coun
     return x
 
 
-def _slice(config, target: Target, dtype: str):
-    """The target's compile-only chips, the model on abstract parameters, and a `MeshRunner`
-    over every chip."""
+def _slice(config, target: Target, dtype: str, workers: int = 1):
+    """The target's compile-only chips (for `workers` compiles at a time), the model on abstract
+    parameters, and a `MeshRunner` over every chip."""
     import numpy as np
     from jax.sharding import Mesh
 
@@ -180,7 +194,7 @@ def _slice(config, target: Target, dtype: str):
     from losatok_jax.model import Losatok
     from losatok_jax.runners import DATA_AXIS, MeshRunner
 
-    devices = compile_only_devices(target)
+    devices = compile_only_devices(target, workers)
     model = jax.eval_shape(lambda p: Losatok(p, config).astype(dtype),
                            checkpoint.abstract_params(config))
     return devices, model, MeshRunner(model, mesh=Mesh(np.array(devices), (DATA_AXIS,)))
@@ -236,7 +250,7 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
     `progress(message)` hears of each program compiled."""
     from losatok_jax._execution import program_plan
 
-    devices, model, runner = _slice(config, target, dtype)
+    devices, model, runner = _slice(config, target, dtype, workers)
     chips = len(devices)
     buckets = extraction_buckets(batch_size, num_tokens)
     one_chip = jax.sharding.SingleDeviceSharding(devices[0])
@@ -310,7 +324,7 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
     from losatok_jax import training
     from losatok_jax.runners import DATA_AXIS
 
-    devices, model, runner = _slice(config, target, "float32")
+    devices, model, runner = _slice(config, target, "float32", workers)
     chips = len(devices)
     batch = -(-max(batch_size, chips) // chips) * chips
     mesh = runner.mesh
@@ -368,7 +382,7 @@ def largest_batches(config, target: Target, report: dict, *, budget_bytes: float
     doubles while it fits with room for twice the rows."""
     from losatok_jax._execution import program_plan
 
-    devices, model, runner = _slice(config, target, report["dtype"])
+    devices, model, runner = _slice(config, target, report["dtype"], workers)
     params = _param_bytes(model)
 
     def hbm(tokens: int, batch: int) -> float:
@@ -554,7 +568,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="project for the audio this folder or manifest lists")
     parser.add_argument("--workers", type=_cli.positive(int, "whole number"),
                         default=min(4, os.cpu_count() or 1),
-                        help="programs compiled at once (default: up to 4, one per core)")
+                        help="programs compiled at once, which split the cores (default: up "
+                             "to 4, one per core)")
     parser.add_argument("--json", default=None, metavar="OUT.json", help="write the report")
     parser.add_argument("--batch_plan", default=None, metavar="PLAN.json",
                         help="find the largest batch per encode bucket within --hbm_fraction "

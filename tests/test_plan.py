@@ -40,3 +40,19 @@ def test_a_corpus_is_costed_window_by_window_at_its_buckets():
     text = plan.table({**_report(), "projection": p})
     assert "| encode | 252 | 8 | 2.00 | 32.0 (0.98) | 0 | 2,000 | 30% | 1 |" in text
     assert "the corpus' clips, each window at its bucket" in text
+
+
+def test_compiles_at_once_share_the_cores(monkeypatch):
+    """Each of the compiles running at once gets its share of the cores (at least one thread),
+    and a thread count the user gave libtpu is kept."""
+    monkeypatch.setattr(plan.os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_tpu_some_flag=1")
+    plan.share_cores(2)
+    assert plan.os.environ["LIBTPU_INIT_ARGS"] == (
+        "--xla_tpu_some_flag=1 --xla_jf_internal_num_threads=4")
+    monkeypatch.delenv("LIBTPU_INIT_ARGS")
+    plan.share_cores(16)
+    assert plan.os.environ["LIBTPU_INIT_ARGS"] == "--xla_jf_internal_num_threads=1"
+    monkeypatch.setenv("LIBTPU_INIT_ARGS", "--xla_jf_internal_num_threads=3")
+    plan.share_cores(2)
+    assert plan.os.environ["LIBTPU_INIT_ARGS"] == "--xla_jf_internal_num_threads=3"
