@@ -43,16 +43,14 @@ def _tokens(text: str) -> list[int]:
 def measure_bucket(config, runner, devices, model, operation: str, tokens: int) -> dict:
     chips = len(devices)
     stack = plan.STACK_OF[operation]
-    depth = plan.stack_depth(config, stack)
+    depth = plan.stack_depth(model, stack)
     buckets = _batching.extraction_buckets(8, (tokens,))
     [program] = [p for p in program_plan(runner, buckets, keys=("z",), largest_batch_only=True,
                                          encode_too=operation == "encode",
                                          decode_too=operation == "decode")
                  if p.stage == "stack" and p.tokens == tokens]
     one_chip = jax.sharding.SingleDeviceSharding(devices[0])
-    (args, _) = program.lowered.args_info
-    x, mask = (jax.ShapeDtypeStruct((a.shape[0] // chips, *a.shape[1:]), a.dtype,
-                                    sharding=one_chip) for a in args[1:3])
+    x, mask = plan.chip_rows(program, chips, one_chip)
     whole = plan._stack_weights(model, stack, one_chip)
     two = jax.tree.map(lambda w: jax.ShapeDtypeStruct((2, *w.shape[1:]), w.dtype,
                                                       sharding=one_chip), whole)

@@ -221,8 +221,18 @@ def _stack_weights(model, stack: str, sharding):
 STACK_OF = {"encode": "semantic", "decode": "decoder"}  # the layer stack each operation runs
 
 
-def stack_depth(config, stack: str) -> int:
-    return config.semantic.depth if stack == "semantic" else config.decoder_depth
+def stack_depth(model, stack: str) -> int:
+    """The stack's layer count: the leading axis of its stacked weights."""
+    from losatok_jax.runners import stacked_weights
+
+    return jax.tree.leaves(stacked_weights(model, stack))[0].shape[0]
+
+
+def chip_rows(program, chips: int, chip):
+    """A planned stack `program`'s inputs (x, mask) as one chip's rows, on `chip`."""
+    (args, _) = program.lowered.args_info
+    return tuple(jax.ShapeDtypeStruct((a.shape[0] // chips, *a.shape[1:]), a.dtype,
+                                      sharding=chip) for a in args[1:3])
 
 
 def first_layers(model, program, chips: int, chip) -> list:
@@ -230,9 +240,7 @@ def first_layers(model, program, chips: int, chip) -> list:
     two, unrolled on one chip's rows (`chip`, a single-device sharding)."""
     stack = STACK_OF[program.operation]
     weights = _stack_weights(model, stack, chip)
-    (args, _) = program.lowered.args_info
-    x, mask = (jax.ShapeDtypeStruct((a.shape[0] // chips, *a.shape[1:]), a.dtype, sharding=chip)
-               for a in args[1:3])
+    x, mask = chip_rows(program, chips, chip)
     return [consecutive_layers.lower(weights, x, mask, config=model.config, dtype=model.dtype,
                                      stack=stack, count=count) for count in (1, 2)]
 
@@ -269,7 +277,7 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
         if layers:  # the scan's body counts once: cost the stack as if unrolled
             once, twice = layers
             _cost_as_unrolled(result, once, once, twice,
-                              stack_depth(config, STACK_OF[program.operation]))
+                              stack_depth(model, STACK_OF[program.operation]))
         if progress is not None:
             progress(f"compiled {program.operation} {program.tokens} tokens {program.stage} "
                      f"in {result['compile_seconds']:.1f} s")
@@ -357,7 +365,7 @@ def plan_train(config, target: Target, *, batch_size: int = TRAIN_BATCH,
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         result, *layers = pool.map(lambda lowering: measure(lowering, chips), lowered)
     for stack, once, twice in zip(inputs, layers[0::2], layers[1::2]):
-        _cost_as_unrolled(result, dict(result), once, twice, stack_depth(config, stack))
+        _cost_as_unrolled(result, dict(result), once, twice, stack_depth(model, stack))
     audio_seconds = rows * samples / SAMPLE_RATE
     return {"operation": "train", "tokens": tokens, "batch_per_chip": rows,
             "audio_seconds_per_chip": audio_seconds,
