@@ -135,14 +135,15 @@ def log_magnitude_mel(power: jax.Array, fb: np.ndarray) -> jax.Array:
 def overlap_add(frames: jax.Array, hop: int) -> jax.Array:
     """(B, F, K·hop) frames -> (B, (F - 1 + K)·hop) signal by summing K shifted copies.
 
-    With the frame length a multiple of the hop, overlap-add is K dense adds: no scatter.
+    With the frame length a multiple of the hop, overlap-add is K padded copies added in turn:
+    no scatter, which a TPU runs slower than dense adds.
     """
     batch, num_frames, length = frames.shape
     k = length // hop
     pieces = frames.reshape(batch, num_frames, k, hop)
     total = jnp.zeros((batch, num_frames + k - 1, hop), frames.dtype)
     for i in range(k):
-        total = total.at[:, i:i + num_frames].add(pieces[:, :, i])
+        total = total + jnp.pad(pieces[:, :, i], ((0, 0), (i, k - 1 - i), (0, 0)))
     return total.reshape(batch, (num_frames + k - 1) * hop)
 
 
