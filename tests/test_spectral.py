@@ -41,6 +41,19 @@ def test_power_spectrogram_is_the_windowed_rfft_of_reflect_padded_frames():
     np.testing.assert_allclose(power, expected, rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("n_fft", [512, 1024])
+def test_the_windowed_dft_product_is_the_windowed_rfft(n_fft):
+    """What a TPU computes for each frame instead of an FFT (the CPU runs the rfft)."""
+    frames = np.random.default_rng(n_fft).standard_normal((3, 11, n_fft)).astype(np.float32)
+    expected = np.fft.rfft(frames.astype(np.float64) * spectral.hann_window(n_fft), axis=-1)
+    halves = frames.astype(np.float64) @ spectral.windowed_dft(n_fft).astype(np.float64)
+    bins = n_fft // 2 + 1
+    np.testing.assert_allclose(halves[..., :bins], expected.real, atol=2e-5)
+    np.testing.assert_allclose(halves[..., bins:], expected.imag, atol=2e-5)
+    power = np.asarray(jax.jit(spectral._power_by_product)(frames))
+    np.testing.assert_allclose(power, np.abs(expected) ** 2, rtol=1e-4, atol=1e-3)
+
+
 @pytest.mark.parametrize("frames", [1, 8, 19, 403])
 def test_the_fft_runs_on_whole_8_frame_tiles(frames):
     """The TPU compiler is about twice as slow over an FFT of 4 · tokens + 3 frames; the extra

@@ -72,6 +72,8 @@ SCRIPT = textwrap.dedent(r"""
             text, memory = compiled.as_text(), compiled.memory_analysis()
             report[name].append({
                 "name": re.search(r"HloModule (\S+)", text).group(1),
+                "ffts": lowered.as_text().count("stablehlo.fft"),
+                "scatters": lowered.as_text().count("stablehlo.scatter"),
                 "collectives": re.findall(
                     r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                     r"(?:-start)?\(", text),
@@ -123,6 +125,10 @@ def test_tiny_model_compiles_for_a_two_host_v5e_slice():
         assert len(programs) == 1 + 3 * 1 + 3 * 2, [p["name"] for p in programs]
         for program in programs:
             assert program["collectives"] == [], program  # data parallel: nothing crosses chips
+            # A TPU computes its STFTs as DFT products and overlap-adds without scattering.
+            assert program["ffts"] == 0, program
+            if "decode_finish" in program["name"]:
+                assert program["scatters"] == 0, program
             assert program["flops"] > 0, program
             used = program["argument_bytes"] + program["temp_bytes"] + program["output_bytes"]
             assert used < chip_memory, program
