@@ -15,8 +15,6 @@ import numpy as np
 
 # Front-end matmuls are tiny; run them at full float32 precision on every backend.
 _HIGHEST = jax.lax.Precision.HIGHEST
-# Rows of a TPU's (8, 128) tiles: STFTs compute a multiple of this many frames.
-_FRAME_TILE = 8
 
 
 @functools.lru_cache(maxsize=None)
@@ -125,13 +123,9 @@ def power_spectrogram(padded: jax.Array, *, n_fft: int, hop: int, num_frames: in
     batch. A TPU has no FFT unit: its compiler turns an FFT into full-precision products of DFT
     blocks and transposes, so there the frames meet the windowed DFT in one full-precision
     product (`windowed_dft`), which the compiler estimates faster and compiles sooner
-    (docs/planning.md). Frames are computed in whole 8-frame tiles and the extra ones dropped,
-    as the TPU's FFT wanted (its compiler took half as long over frame counts, 4 · tokens + 3
-    here, that filled its tiles); the product does not need them (docs/planning.md)."""
-    tiled = -(-num_frames // _FRAME_TILE) * _FRAME_TILE
-    windowed = frames(padded, n_fft=n_fft, hop=hop, num_frames=tiled, offset=offset)
-    power = jax.lax.platform_dependent(windowed, tpu=_power_by_product, default=_power_by_rfft)
-    return power[:, :num_frames]
+    (docs/planning.md)."""
+    windowed = frames(padded, n_fft=n_fft, hop=hop, num_frames=num_frames, offset=offset)
+    return jax.lax.platform_dependent(windowed, tpu=_power_by_product, default=_power_by_rfft)
 
 
 def power_to_db(power: jax.Array, fb: np.ndarray) -> jax.Array:

@@ -1,10 +1,7 @@
 """The parameter-free signal processing: windows, mel filterbanks, STFT front ends and the ISTFT,
 each against an independent numpy or librosa computation."""
 
-import re
-
 import jax
-import jax.numpy as jnp
 import librosa
 import numpy as np
 import pytest
@@ -55,15 +52,9 @@ def test_the_windowed_dft_product_is_the_windowed_rfft(n_fft):
 
 
 @pytest.mark.parametrize("frames", [1, 8, 19, 403])
-def test_the_fft_runs_on_whole_8_frame_tiles(frames):
-    """The TPU compiler is about twice as slow over an FFT of 4 · tokens + 3 frames; the extra
-    frames it computes are dropped, each real frame's spectrum is the same."""
-    padded = jax.ShapeDtypeStruct((2, 160 * (frames + 8) + 512), jnp.float32)
-    text = jax.jit(lambda x: spectral.power_spectrogram(
-        x, n_fft=512, hop=160, num_frames=frames)).lower(padded).as_text()
-    [fft_frames] = re.findall(r"stablehlo\.fft .*\(tensor<2x(\d+)x512xf32>\)", text)
-    assert int(fft_frames) % 8 == 0 and int(fft_frames) < frames + 8
-    signal = np.random.default_rng(frames).standard_normal(padded.shape).astype(np.float32)
+def test_a_frames_spectrum_does_not_depend_on_how_many_frames_are_computed(frames):
+    signal = np.random.default_rng(frames).standard_normal((2, 160 * (frames + 8) + 512))
+    signal = signal.astype(np.float32)
     whole = spectral.power_spectrogram(signal, n_fft=512, hop=160, num_frames=frames + 8)
     np.testing.assert_array_equal(
         spectral.power_spectrogram(signal, n_fft=512, hop=160, num_frames=frames),
