@@ -55,14 +55,20 @@ def mel_filterbank(n_fft: int, n_mels: int, sample_rate: int, f_min: float,
     return np.maximum(np.float32(0.0), np.minimum(rising, falling)).astype(np.float32)
 
 
+def _dft_angle(n_fft: int) -> np.ndarray:
+    """2π·k·t / n_fft for rfft bin k (rows) and sample t (columns), in float64, reduced mod n_fft
+    before scaling so that large k·t lose no precision."""
+    k, t = np.arange(n_fft // 2 + 1)[:, None], np.arange(n_fft)[None, :]
+    return 2.0 * np.pi * ((k * t) % n_fft) / n_fft
+
+
 @functools.lru_cache(maxsize=None)
 def windowed_inverse_dft(n_fft: int) -> np.ndarray:
     """irfft of n_fft points times the Hann window, as one matrix (2 · (n_fft // 2 + 1), n_fft)
     applied to [real parts, imaginary parts]: the ISTFT on the matrix units instead of an FFT.
     Like irfft, it ignores the imaginary parts of the DC and Nyquist bins. Built in float64."""
-    bins = n_fft // 2 + 1
-    k, t = np.arange(bins)[:, None], np.arange(n_fft)[None, :]
-    angle = 2.0 * np.pi * ((k * t) % n_fft) / n_fft
+    k = np.arange(n_fft // 2 + 1)[:, None]
+    angle = _dft_angle(n_fft)
     weight = np.where((k == 0) | (k == n_fft // 2), 1.0, 2.0) / n_fft
     window = hann_window(n_fft).astype(np.float64)
     return np.concatenate([weight * np.cos(angle) * window,
@@ -97,8 +103,7 @@ def frames(padded: jax.Array, *, n_fft: int, hop: int, num_frames: int,
 def windowed_dft(n_fft: int) -> np.ndarray:
     """The Hann window times the rfft of n_fft points, as one matrix (n_fft, 2 · (n_fft // 2 + 1))
     giving [real parts, imaginary parts] of a frame's spectrum. Built in float64."""
-    t, k = np.arange(n_fft)[:, None], np.arange(n_fft // 2 + 1)[None, :]
-    angle = 2.0 * np.pi * ((k * t) % n_fft) / n_fft
+    angle = _dft_angle(n_fft).T
     window = hann_window(n_fft).astype(np.float64)[:, None]
     return np.concatenate([window * np.cos(angle), -window * np.sin(angle)], 1).astype(np.float32)
 

@@ -70,10 +70,11 @@ SCRIPT = textwrap.dedent(r"""
         for lowered in lower_programs(runner, buckets, keys=("z", "mu")):
             compiled = lowered.compile()
             text, memory = compiled.as_text(), compiled.memory_analysis()
+            traced = lowered.as_text()
             report[name].append({
                 "name": re.search(r"HloModule (\S+)", text).group(1),
-                "ffts": lowered.as_text().count("stablehlo.fft"),
-                "scatters": lowered.as_text().count("stablehlo.scatter"),
+                "ffts": traced.count("stablehlo.fft"),
+                "scatters": traced.count("stablehlo.scatter"),
                 "collectives": re.findall(
                     r"\b(all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)"
                     r"(?:-start)?\(", text),
