@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from losatok_jax._products import linear
+
 
 def gelu(x):
     """Exact GELU as upstream's PyTorch computes it, x · 0.5 · (1 + erf(x / √2)), in float32 and
@@ -56,7 +58,8 @@ class Linear(nn.Module):
     upstream's arrays unchanged. XLA's CPU dots read this layout faster than Flax's (in, out) at
     every row count measured (docs/performance.md, "Weight layout"). Computes in
     `dtype`; with `float32_output` a low-precision product is returned in float32 (accumulated
-    in float32), for outputs that feed float32-only stages."""
+    in float32), for outputs that feed float32-only stages. A float32 product at full precision
+    is six explicit bfloat16 passes on a TPU (`_products.linear`)."""
 
     features: int
     use_bias: bool = True
@@ -69,9 +72,11 @@ class Linear(nn.Module):
         weight = self.param("weight", init, (self.features, x.shape[-1]))
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         x, weight, bias = nn.dtypes.promote_dtype(x, weight, bias, dtype=self.dtype)
-        accumulate = jnp.float32 if self.dtype is not None and self.float32_output else None
-        y = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())),
-                                preferred_element_type=accumulate)
+        if self.dtype is not None and self.float32_output:
+            y = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())),
+                                    preferred_element_type=jnp.float32)
+        else:
+            y = linear(x, weight)
         return y if bias is None else y + bias
 
 

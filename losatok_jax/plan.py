@@ -25,9 +25,10 @@ With `--hours H` it projects chip-hours and wall time for the slice (clips of a 
 or longer, and the slowest bucket's worst case); with `--input DIR` (a folder or manifest), for
 that corpus, each clip's windows at their own buckets. `--batch_plan FILE` also finds the
 largest batch per encode bucket that fits and writes it for `extract --batch_plan`;
-`--operations train` adds one `train` step (memory and collectives). Float32 times are not
-modelled by the compiler (it costs float32 matmuls as bfloat16 ones); plan with `--dtype
-bfloat16`.
+`--operations train` adds one `train` step (memory and collectives). Float32 times are
+understated: the compiler costs a full-precision float32 product as one bfloat16 pass (only the
+spectral products and linear layers, spelled out as their six passes, are costed in full); plan
+with `--dtype bfloat16`.
 """
 
 from __future__ import annotations

@@ -13,8 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Front-end matmuls are tiny; run them at full float32 precision on every backend.
-_HIGHEST = jax.lax.Precision.HIGHEST
+from losatok_jax._products import full_precision_product, product_in_bfloat16_passes
 
 
 @functools.lru_cache(maxsize=None)
@@ -115,7 +114,7 @@ def _power_by_rfft(frames: jax.Array) -> jax.Array:
 
 def _power_by_product(frames: jax.Array) -> jax.Array:
     bins = frames.shape[-1] // 2 + 1
-    halves = jnp.matmul(frames, windowed_dft(frames.shape[-1]), precision=_HIGHEST)
+    halves = product_in_bfloat16_passes(frames, windowed_dft(frames.shape[-1]))
     return halves[..., :bins] ** 2 + halves[..., bins:] ** 2
 
 
@@ -126,16 +125,16 @@ def power_spectrogram(padded: jax.Array, *, n_fft: int, hop: int, num_frames: in
 
     On CPU and GPU each frame goes through an rfft, which rounds every frame alike whatever the
     batch. A TPU has no FFT unit: its compiler turns an FFT into full-precision products of DFT
-    blocks and transposes, so there the frames meet the windowed DFT in one full-precision
-    product (`windowed_dft`), which the compiler estimates faster and compiles sooner
-    (docs/planning.md)."""
+    blocks and transposes, so there the frames meet the windowed DFT (`windowed_dft`) in one
+    product at full float32 precision (six bfloat16 passes, `_products`), which the compiler
+    estimates faster and compiles sooner (docs/planning.md)."""
     windowed = frames(padded, n_fft=n_fft, hop=hop, num_frames=num_frames, offset=offset)
     return jax.lax.platform_dependent(windowed, tpu=_power_by_product, default=_power_by_rfft)
 
 
 def power_to_db(power: jax.Array, fb: np.ndarray) -> jax.Array:
     """Power mel spectrogram in dB, before the dynamic-range floor: (B, F, bins) -> (B, F, mels)."""
-    mel = jnp.matmul(power, fb, precision=_HIGHEST)
+    mel = full_precision_product(power, fb)
     return 10.0 * jnp.log10(jnp.maximum(mel, 1e-10))
 
 
@@ -151,7 +150,7 @@ def floor_db(db: jax.Array, peak: jax.Array, top_db: float = 120.0) -> jax.Array
 
 def log_magnitude_mel(power: jax.Array, fb: np.ndarray) -> jax.Array:
     """The acoustic encoder's input: natural log of the magnitude mel spectrogram."""
-    mel = jnp.matmul(jnp.sqrt(power), fb, precision=_HIGHEST)
+    mel = full_precision_product(jnp.sqrt(power), fb)
     return jnp.log(jnp.maximum(mel, 1e-7))
 
 
@@ -189,7 +188,7 @@ def istft_frames(log_magnitude: jax.Array, phase: jax.Array, n_fft: int) -> jax.
     at 100 before synthesis."""
     magnitude = jnp.minimum(jnp.exp(log_magnitude), 100.0)
     halves = jnp.concatenate([magnitude * jnp.cos(phase), magnitude * jnp.sin(phase)], axis=-1)
-    return jnp.matmul(halves, windowed_inverse_dft(n_fft), precision=_HIGHEST)
+    return full_precision_product(halves, windowed_inverse_dft(n_fft))
 
 
 def normalise_overlap(signal: jax.Array, envelope: jax.Array) -> jax.Array:
