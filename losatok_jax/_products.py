@@ -21,7 +21,7 @@ _PASSES = ((2, 0), (0, 2), (1, 1), (1, 0), (0, 1), (0, 0))
 
 
 def _bfloat16_pieces(x):
-    """x (float32) as three bfloat16 arrays whose sum is x to within 2^-24 of it: each the
+    """x (float32) as three bfloat16 arrays whose sum is x to within 2^-24 |x|: each the
     rounding of what the ones before left."""
     pieces, rest = [], x
     for _ in range(3):
