@@ -72,11 +72,8 @@ class Linear(nn.Module):
         weight = self.param("weight", init, (self.features, x.shape[-1]))
         bias = self.param("bias", nn.initializers.zeros, (self.features,)) if self.use_bias else None
         x, weight, bias = nn.dtypes.promote_dtype(x, weight, bias, dtype=self.dtype)
-        if self.dtype is not None and self.float32_output:
-            y = jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())),
-                                    preferred_element_type=jnp.float32)
-        else:
-            y = linear(x, weight)
+        accumulate = jnp.float32 if self.dtype is not None and self.float32_output else None
+        y = linear(x, weight, accumulate)
         return y if bias is None else y + bias
 
 

@@ -64,17 +64,19 @@ def _full_precision_in_effect(x) -> bool:
         "highest", "float32")
 
 
-def _linear(x, weight):
-    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())))
+def _linear(x, weight, preferred_element_type=None):
+    return jax.lax.dot_general(x, weight, (((x.ndim - 1,), (1,)), ((), ())),
+                               preferred_element_type=preferred_element_type)
 
 
 def _linear_in_passes(x, weight):
     return product_in_bfloat16_passes(x, weight.T)
 
 
-def linear(x: jax.Array, weight: jax.Array) -> jax.Array:
-    """x (..., in) · weight (out, in)ᵀ at the matmul precision in effect; a float32 product at
-    full precision is six bfloat16 passes on a TPU."""
+def linear(x: jax.Array, weight: jax.Array, preferred_element_type=None) -> jax.Array:
+    """x (..., in) · weight (out, in)ᵀ at the matmul precision in effect (a low-precision
+    product accumulated in `preferred_element_type`); a float32 product at full precision is six
+    bfloat16 passes on a TPU."""
     if not _full_precision_in_effect(x):
-        return _linear(x, weight)
+        return _linear(x, weight, preferred_element_type)
     return jax.lax.platform_dependent(x, weight, tpu=_linear_in_passes, default=_linear)
