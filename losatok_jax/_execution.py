@@ -28,7 +28,8 @@ def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
     the shortest encode length that holds it. Clips of several windows get their spectrogram
     peak from a first pass over their windows, so the 120 dB floor follows the whole clip. Each
     batch is started before the previous one's results are fetched, so cutting windows overlaps
-    the devices' work. `progress("encoding", done, total)` is called after each batch.
+    the devices' work; batches of one shape take turns with two buffers (`_RowBuffers`).
+    `progress("encoding", done, total)` is called after each batch.
     """
     c = runner.model.config
     tokens = [c.num_tokens(len(clip)) for clip in clips]
@@ -41,8 +42,9 @@ def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
                for length, members in _by_length(pieces, lambda p: buckets.encode_length(c, p.count))
                for group, size in buckets.batch_groups(members, length, runner.num_devices)]
     report = _Report(progress, "encoding", len(peak_batches) + len(batches))
+    rows = _RowBuffers()
     for group, size in peak_batches:
-        buffers, valid = _window_rows(c, clips, group, chunk, size)
+        buffers, valid = _window_rows(c, clips, group, chunk, rows.take(size, chunk, c))
         window_peak = runner.window_peaks(buffers, valid)
         for r, p in enumerate(group):
             peaks[p.clip] = max(peaks[p.clip], window_peak[r])
@@ -57,7 +59,7 @@ def encode_clips(runner: Runner, clips: list[np.ndarray], rng, buckets: Buckets,
 
     running = None  # the batch on the devices while the next one is cut and started
     for length, group, size in batches:
-        buffers, valid = _window_rows(c, clips, group, length, size)
+        buffers, valid = _window_rows(c, clips, group, length, rows.take(size, length, c))
         filler = [0] * (size - len(group))
         clip_peaks = np.array([peaks[p.clip] for p in group] + filler, np.float32)
         starts = np.array([p.start for p in group] + filler, np.int32)
@@ -94,11 +96,33 @@ def _by_length(pieces, row_length) -> list[tuple[int, list]]:
     return sorted(groups.items())
 
 
-def _window_rows(config: LosatokConfig, clips, group, window: int, size: int):
-    """A batch of `size` rows of `window`-token buffers for the pieces in `group` (the rest are
-    zero filler), and each row's count of real frames."""
+class _RowBuffers:
+    """Host buffers for consecutive batches of one shape, two used in turn. Writing a fresh
+    buffer of many megabytes costs the host a page fault per page touched, more than cutting
+    the windows into it; a buffer is reused two batches later, when the batch that used it has
+    had its results fetched, so the devices are done reading it. A batch of another shape
+    starts a new pair (batches come grouped by length), so at most two are held."""
+
+    def __init__(self):
+        self._shape, self._pair = None, []
+
+    def take(self, size: int, window: int, config: LosatokConfig) -> np.ndarray:
+        shape = (size, _batching.window_samples(config, window))
+        if shape != self._shape:
+            self._shape, self._pair = shape, []
+        if len(self._pair) < 2:
+            self._pair.append(np.empty(shape, np.float32))
+        else:
+            self._pair.reverse()  # the buffer used before the last one
+        return self._pair[-1]
+
+
+def _window_rows(config: LosatokConfig, clips, group, window: int, buffers: np.ndarray):
+    """Fills `buffers` (a batch of `window`-token rows) with the pieces in `group`, the rows
+    after them with zeros (filler); returns it and each row's count of real frames."""
+    size = len(buffers)
     frames = _batching.window_frames(config, window)
-    buffers = np.zeros((size, _batching.window_samples(config, window)), np.float32)
+    buffers[len(group):] = 0
     valid = np.full(size, frames, np.int32)
     for r, p in enumerate(group):
         _batching.window_buffer(config, clips[p.clip], p.start, window, out=buffers[r])

@@ -68,7 +68,7 @@ class GroupWriter:
 
     def write(self, info: dict, features: dict[str, np.ndarray]) -> None:
         """One clip: `info` (id, path, duration, ...) and its features, each (T, dim)."""
-        stored = {name: np.asarray(array).astype(data.STORAGE_DTYPES[self.dtype])
+        stored = {name: np.asarray(array).astype(data.STORAGE_DTYPES[self.dtype], copy=False)
                   for name, array in features.items()}
         for name, array in stored.items():
             part = stats.Moments.of(array)

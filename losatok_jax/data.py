@@ -42,8 +42,9 @@ def encode_record(*, id: str, path: str, duration: float, sample_rate: int,
     storage = STORAGE_DTYPES[dtype]
     packed = {}
     for name, array in features.items():
-        array = np.ascontiguousarray(np.asarray(array).astype(storage))
-        packed[name] = {"dtype": dtype, "shape": list(array.shape), "data": array.tobytes()}
+        array = np.ascontiguousarray(np.asarray(array).astype(storage, copy=False))
+        packed[name] = {"dtype": dtype, "shape": list(array.shape),
+                        "data": memoryview(array.reshape(-1).view(np.uint8))}  # no copy
     num_tokens = next(iter(features.values())).shape[0]
     return msgpack.packb({"id": id, "path": path, "num_tokens": int(num_tokens),
                           "duration": float(duration), "sample_rate": int(sample_rate),

@@ -41,10 +41,12 @@ class Moments:
 
     @classmethod
     def of(cls, values: np.ndarray) -> "Moments":
-        """The moments of (tokens, channels) `values`, computed in float64."""
-        values = np.asarray(values, np.float64).reshape(-1, np.shape(values)[-1])
-        mean = values.mean(axis=0) if len(values) else np.zeros(values.shape[-1])
-        return cls(len(values), mean, ((values - mean) ** 2).sum(axis=0))
+        """The moments of (tokens, channels) `values`, computed in float64 (in one float64 copy
+        of them: this runs for every clip extracted)."""
+        deviations = np.array(values, np.float64).reshape(-1, np.shape(values)[-1])
+        mean = deviations.mean(axis=0) if len(deviations) else np.zeros(deviations.shape[-1])
+        deviations -= mean
+        return cls(len(deviations), mean, np.square(deviations, out=deviations).sum(axis=0))
 
     def merge(self, other: "Moments") -> "Moments":
         if not other.count:

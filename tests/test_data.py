@@ -35,13 +35,14 @@ def make_extraction(directory, lengths, format="arrayrecord", seed=0):
     return latents
 
 
-def test_record_round_trip():
-    features = {"z": np.arange(12, dtype=np.float32).reshape(3, 4)}
+@pytest.mark.parametrize("tokens", [3, 0])
+def test_record_round_trip(tokens):
+    features = {"z": np.arange(4 * tokens, dtype=np.float32).reshape(tokens, 4)}
     for dtype in ("float32", "bfloat16", "float16"):
         record = data.decode_record(data.encode_record(id="x", path="p", duration=0.12,
                                                        sample_rate=16000, features=features,
                                                        dtype=dtype))
-        assert (record["id"], record["path"], record["num_tokens"]) == ("x", "p", 3)
+        assert (record["id"], record["path"], record["num_tokens"]) == ("x", "p", tokens)
         assert record["z"].dtype.name == dtype
         np.testing.assert_array_equal(record["z"].astype(np.float32), features["z"])
 

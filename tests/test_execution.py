@@ -200,3 +200,43 @@ def test_decode_gap_is_needed(model, monkeypatch):
     errors = [np.max(np.abs(audio - np.asarray(_whole_decode(model, z[None]))[0]))
               for z, audio in zip(latents, losatok_jax.api.decode(model, latents, buckets=SMALL))]
     assert max(errors) > 100 * AUDIO_TOL
+
+
+def test_row_buffers_take_turns_and_leave_nothing_stale(model):
+    """Batches of one shape alternate two buffers; another shape starts afresh; a reused buffer
+    (here full of NaN) is written whole: every real row, and zeros in the filler rows."""
+    from losatok_jax import _execution
+
+    config = model.config
+    rows = _execution._RowBuffers()
+    first, second, third = (rows.take(4, 16, config) for _ in range(3))
+    assert first is not second and third is first
+    assert rows.take(4, 16, config) is second
+    other = rows.take(2, 16, config)
+    assert other is not first and other is not second
+
+    clips = [clip_of(n, seed=n) for n in (7000, 9000, 30000)]
+    pieces = [p for i, clip in enumerate(clips)
+              for p in _batching.encode_pieces(config, i, config.num_tokens(len(clip)))][:3]
+    stale = np.full_like(first, np.nan)
+    buffers, valid = _execution._window_rows(config, clips, pieces, 16, stale)
+    fresh = np.zeros_like(first)
+    expected, expected_valid = _execution._window_rows(config, clips, pieces, 16, fresh)
+    np.testing.assert_array_equal(buffers, expected)
+    np.testing.assert_array_equal(valid, expected_valid)
+    assert not np.any(buffers[len(pieces):])
+
+
+def test_reused_row_buffers_change_nothing(model, monkeypatch):
+    """Clips encoded in several batches of one shape, through reused buffers, get bitwise what
+    they get through a fresh zeroed buffer per batch."""
+    from losatok_jax import _execution
+
+    clips = [clip_of(6000 + 97 * i, seed=i) for i in range(11)]  # 3 batches of 4 rows
+    reused = losatok_jax.encode(model, clips, buckets=SMALL)
+    monkeypatch.setattr(_execution._RowBuffers, "take", lambda self, size, window, config:
+                        np.zeros((size, _batching.window_samples(config, window)), np.float32))
+    fresh = losatok_jax.encode(model, clips, buckets=SMALL)
+    for got, expected in zip(reused, fresh):
+        for key in FEATURE_KEYS:
+            np.testing.assert_array_equal(got[key], expected[key])
