@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import soundfile as sf
 
-from losatok_jax import _shards, api, checkpoint, extract, runners
+from losatok_jax import _execution, _shards, checkpoint, extract, runners
 from losatok_jax.audio_io import read_audio
 from losatok_jax.config import RELEASED_CONFIG, load_config
 from losatok_jax.model import Losatok, init_params
@@ -236,7 +236,7 @@ HOST_DEVICES = 8  # the CPU split into as many devices as a v5e-8 host has chips
 def extract_split(checkpoint_dir: Path, audio: Path, out: Path, workers: int) -> dict:
     """One `extract` run with the main process's time split by what it waited on."""
     timer = _Timer()
-    patches = [(api, "encode", timer.wrap("encoding", api.encode)),
+    patches = [(_execution, "encode_clips", timer.wrap("encoding", _execution.encode_clips)),
                (_shards.GroupWriter, "write",
                 timer.wrap("records thread", _shards.GroupWriter.write)),
                (extract, "_prefetched",

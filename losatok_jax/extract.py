@@ -139,9 +139,9 @@ def _check_outputs(args, entries: list[Entry]) -> None:
 def run(args) -> Progress:
     import jax
 
-    from losatok_jax import compilation
+    from losatok_jax import _execution, compilation
     from losatok_jax._batching import batch_plan_buckets, extraction_buckets, read_batch_plan
-    from losatok_jax.api import encode, load_losatok
+    from losatok_jax.api import load_losatok
     from losatok_jax.model import FEATURE_KEYS
     from losatok_jax.runners import MeshRunner, Runner
 
@@ -220,10 +220,11 @@ def run(args) -> Progress:
         def flush(wait: bool = False):
             nonlocal writing
             if group:
-                latents = encode(model, [audio.samples for _, audio in group],
-                                 sample=args.sample, rng=rng, buckets=buckets,
-                                 features=features, runner=runner,
-                                 noise_ids=[noise_id(entry.id) for entry, _ in group])
+                # Straight to the batch plan: `read_audio` has already refused NaN and Inf, and
+                # `_load` clips too short, so `encode`'s second pass over every sample is spared.
+                latents = _execution.encode_clips(
+                    runner, [audio.samples for _, audio in group], rng if args.sample else None,
+                    buckets, features, [noise_id(entry.id) for entry, _ in group])
                 if writing is not None:
                     writing.result()
                 writing = records.submit(write_group, list(group), latents)

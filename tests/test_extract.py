@@ -37,7 +37,8 @@ def _env(**extra) -> dict:
 def audio_folder(tmp_path_factory) -> Path:
     """Varied lengths, sample rates and channel counts in wav/flac/ogg/mp3, AAC in M4A, Opus in
     WebM (an upper-case suffix), WMA, a video with sound and a WAV cut short, a nested folder; one
-    corrupt file, one empty file, one too short to encode and a video without sound."""
+    corrupt file, one empty file, one too short to encode, one with a NaN sample and a video
+    without sound."""
     root = tmp_path_factory.mktemp("audio")
     (root / "nested").mkdir()
     rng = np.random.default_rng(0)
@@ -55,6 +56,9 @@ def audio_folder(tmp_path_factory) -> Path:
     (root / "corrupt.wav").write_bytes(b"RIFF" + bytes(rng.integers(0, 256, 300, dtype=np.uint8)))
     (root / "empty.flac").write_bytes(b"")
     sf.write(root / "short.wav", noise(0.01, 16000), 16000)
+    not_finite = noise(2.0, 16000)
+    not_finite[20000] = np.nan
+    sf.write(root / "nan.wav", not_finite, 16000, subtype="FLOAT")
     media.encode(root / "g.m4a", "aac", seconds=2.0)
     media.encode(root / "nested" / "h.WEBM", "libopus", rate=48000, seconds=2.5)
     media.encode(root / "i.wma", "wmav2", container="asf", seconds=1.5)
@@ -67,7 +71,7 @@ def audio_folder(tmp_path_factory) -> Path:
 
 GOOD = ("a.wav", "c.ogg", "cut.wav", "d.mp3", "e.wav", "g.m4a", "i.wma", "movie.mp4",
         "nested/b.flac", "nested/f.wav", "nested/h.WEBM")
-BAD = ("corrupt.wav", "empty.flac", "short.wav", "silent_film.mp4")
+BAD = ("corrupt.wav", "empty.flac", "nan.wav", "short.wav", "silent_film.mp4")
 
 
 def run_extract(*args, check=True) -> subprocess.CompletedProcess:
@@ -102,7 +106,7 @@ def extracted(checkpoint, audio_folder, tmp_path_factory) -> Path:
     result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
                          "--features", "z,mu,semantic_emb", "--shard_size", "2",
                          "--batch_size", "2", "--buckets", "32,64", "--num_workers", "3")
-    assert "done: 11 clips extracted, 0 skipped as already stored, 4 failed" in result.stdout
+    assert "done: 11 clips extracted, 0 skipped as already stored, 5 failed" in result.stdout
     [warning] = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert "cut.wav is truncated" in warning
     # In a log, progress is a line every 10 s at most (the first batch, in a run this short).
@@ -142,6 +146,7 @@ def test_index_and_failures(extracted):
     assert sorted(f["id"] for f in failures) == sorted(BAD)
     assert all(f["reason"] for f in failures)
     assert "too short" in next(f["reason"] for f in failures if f["id"] == "short.wav")
+    assert "NaN or Inf" in next(f["reason"] for f in failures if f["id"] == "nan.wav")
     assert "no audio stream" in next(f["reason"] for f in failures
                                      if f["id"] == "silent_film.mp4")
     truncated = {row["id"]: row.get("truncated_seconds") for row in index}
@@ -164,7 +169,7 @@ def test_rerun_skips_completed_clips(extracted, checkpoint, audio_folder):
     result = run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir",
                          extracted, "--features", "z,mu,semantic_emb", "--shard_size", "2",
                          "--buckets", "32,64")
-    assert "done: 0 clips extracted, 11 skipped as already stored, 4 failed" in result.stdout
+    assert "done: 0 clips extracted, 11 skipped as already stored, 5 failed" in result.stdout
     assert sorted(p.name for p in extracted.glob("*.array_record")) == before
 
 
