@@ -51,6 +51,7 @@ TINY_CONFIG = "tests/data/golden/tiny_chunk40/config.yml"
 PLAN = "benchmarks/results/plan-v5e-8.json"
 # A v5e-8 host (ct5lp-hightpu-8t): 224 vCPUs, 112 physical cores, for 8 chips.
 V5E_HOST_CORES = 112
+HOST_DEVICES = 8  # the CPU split into as many devices as a v5e-8 host has chips
 
 
 def _noise(seconds: float, rate: int, channels: int, seed: int) -> np.ndarray:
@@ -166,8 +167,7 @@ class _MeshRunnerWithoutModel(runners.MeshRunner):
     _zeros: dict = {}
 
     def call(self, stage, shared: tuple, batched: tuple, **static):
-        batched = [jax.make_array_from_process_local_data(self.batch_sharding, x)
-                   if isinstance(x, np.ndarray) else x for x in batched]
+        batched = self.place_rows(batched)
         key = runners._call_key(stage, static, shared, batched)
         if key not in self._zeros:
             program = self._mapped(*runners._program_key(stage, shared, batched, static))
@@ -176,6 +176,24 @@ class _MeshRunnerWithoutModel(runners.MeshRunner):
                                             self.batch_sharding),
                 jax.eval_shape(program, self.model, *shared, *batched))
         return self._zeros[key]
+
+
+def _extract_patched(patches, checkpoint_dir: Path, audio: Path, out: Path, *options) -> str:
+    """`extract` over `audio` with each (owner, name, replacement) of `patches` in place for the
+    run; returns its summary line."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    for owner, name, replacement in patches:
+        setattr(owner, name, replacement)
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            status = extract.main(["--model_path", str(checkpoint_dir), "--input", str(audio),
+                                   "--output_dir", str(out), *options])
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+    assert status == 0, stdout.getvalue()
+    return stdout.getvalue().strip().splitlines()[-1]
 
 
 def extract_without_model(checkpoint_dir: Path, audio: Path, out: Path,
@@ -188,22 +206,11 @@ def extract_without_model(checkpoint_dir: Path, audio: Path, out: Path,
         for entry in entries:
             yield entry, decoded[os.path.basename(entry.path)], None
 
-    patches = [(runners, "MeshRunner", _MeshRunnerWithoutModel),
-               (extract, "_prefetched", timer.wrap_iterator("waiting for decoded audio",
-                                                            from_memory)),
-               (_shards, "merge", timer.mark_end(_shards.merge))]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, replacement in patches:
-        setattr(owner, name, replacement)
-    stdout = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(stdout):
-            status = extract.main(["--model_path", str(checkpoint_dir), "--input", str(audio),
-                                   "--output_dir", str(out)])
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-    assert status == 0, stdout.getvalue()
+    _extract_patched([(runners, "MeshRunner", _MeshRunnerWithoutModel),
+                      (extract, "_prefetched", timer.wrap_iterator("waiting for decoded audio",
+                                                                   from_memory)),
+                      (_shards, "merge", timer.mark_end(_shards.merge))],
+                     checkpoint_dir, audio, out)
     return timer.end - timer.start
 
 
@@ -230,9 +237,6 @@ def main_process_alone(checkpoint_dir: Path, corpus: list[Path], work: Path, cli
             "best_audio_seconds_per_second": max(rates)}
 
 
-HOST_DEVICES = 8  # the CPU split into as many devices as a v5e-8 host has chips
-
-
 def extract_split(checkpoint_dir: Path, audio: Path, out: Path, workers: int) -> dict:
     """One `extract` run with the main process's time split by what it waited on."""
     timer = _Timer()
@@ -245,20 +249,9 @@ def extract_split(checkpoint_dir: Path, audio: Path, out: Path, workers: int) ->
                    (runners.Runner, name, timer.wrap("running the tiny model",
                                                      getattr(runners.Runner, name)))
                    for name in ("window_peaks", "encode_windows", "to_host")]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    for owner, name, replacement in patches:
-        setattr(owner, name, replacement)
-    stdout = io.StringIO()
-    try:
-        start = time.perf_counter()
-        with contextlib.redirect_stdout(stdout):
-            status = extract.main(["--model_path", str(checkpoint_dir), "--input", str(audio),
-                                   "--output_dir", str(out), "--num_workers", str(workers)])
-        wall = time.perf_counter() - start
-    finally:
-        for owner, name, original in originals:
-            setattr(owner, name, original)
-    assert status == 0, stdout.getvalue()
+    start = time.perf_counter()
+    summary = _extract_patched(patches, checkpoint_dir, audio, out, "--num_workers", str(workers))
+    wall = time.perf_counter() - start
     clips = len(list(audio.iterdir()))
     loop = timer.end - timer.start
     split = {key: value / clips for key, value in timer.seconds.items()}
@@ -267,7 +260,7 @@ def extract_split(checkpoint_dir: Path, audio: Path, out: Path, workers: int) ->
     split["everything else"] = loop / clips - sum(split.values())
     split["records thread (beside the main thread)"] = records
     return {"clips": clips, "wall_s": wall, "loop_s": loop, "main_process_s_per_clip": split,
-            "summary": stdout.getvalue().strip().splitlines()[-1]}
+            "summary": summary}
 
 
 def _main_process_alone_in_child(checkpoint_dir: Path, corpus: list[Path], work: Path,

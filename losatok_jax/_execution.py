@@ -99,8 +99,8 @@ def _by_length(pieces, row_length) -> list[tuple[int, list]]:
 class _RowBuffers:
     """Host buffers for consecutive batches of one shape, two used in turn. Writing a fresh
     buffer of many megabytes costs the host a page fault per page touched, about as much as
-    cutting the windows into it; a buffer is reused two batches later, when the batch that used it has
-    had its results fetched, so the devices are done reading it. A batch of another shape
+    cutting the windows into it; a buffer is reused two batches later, when the batch that used
+    it has had its results fetched, so the devices are done reading it. A batch of another shape
     starts a new pair (batches come grouped by length), so at most two are held."""
 
     def __init__(self):

@@ -291,12 +291,14 @@ class MeshRunner(Runner):
         rows = shape[0] * self.mesh.devices.size // self.num_devices
         return jax.ShapeDtypeStruct((rows, *shape[1:]), dtype, sharding=self._rows)
 
+    def place_rows(self, batched) -> list:
+        """Host batches as global arrays of the mesh; a previous stage's outputs already are."""
+        return [jax.make_array_from_process_local_data(self._rows, x)
+                if isinstance(x, np.ndarray) else x for x in batched]
+
     def call(self, stage, shared: tuple, batched: tuple, **static):
-        # Host batches become global arrays; a previous stage's outputs already are.
-        placed = [jax.make_array_from_process_local_data(self._rows, x)
-                  if isinstance(x, np.ndarray) else x for x in batched]
         return self._mapped(*_program_key(stage, shared, batched, static))(
-            self.model, *shared, *placed)
+            self.model, *shared, *self.place_rows(batched))
 
     def lower(self, stage, shared: tuple, batched: tuple, **static):
         return self._mapped(*_program_key(stage, shared, batched, static)).lower(
