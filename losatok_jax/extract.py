@@ -112,16 +112,24 @@ class Progress:
 
 
 def _initialize_distributed(args) -> tuple[int, int]:
-    """(process index, process count), starting jax.distributed when asked or detected."""
+    """(process index, process count), starting jax.distributed when asked or detected. Given
+    --num_processes and --process_id without a coordinator, the processes are independent (no
+    jax.distributed): several on one host, each over some of its chips, share the inputs so."""
     import jax
 
     explicit = args.coordinator_address is not None
     detected = int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get(
         "TPU_WORKER_HOSTNAMES", "")
+    if (args.num_processes is None) != (args.process_id is None):
+        raise ExtractError("--num_processes and --process_id go together")
+    if args.process_id is not None and not 0 <= args.process_id < args.num_processes:
+        raise ExtractError(f"--process_id {args.process_id} is not in 0..{args.num_processes - 1}")
     if explicit:
-        if args.num_processes is None or args.process_id is None:
+        if args.num_processes is None:
             raise ExtractError("--coordinator_address needs --num_processes and --process_id")
         jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    elif args.num_processes is not None:
+        return args.process_id, args.num_processes
     elif detected:
         jax.distributed.initialize()
     return jax.process_index(), jax.process_count()
@@ -308,8 +316,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--compilation_cache_dir", default=None,
                         help="persistent JAX compilation cache")
     parser.add_argument("--coordinator_address", default=None, help="jax.distributed HOST:PORT")
-    parser.add_argument("--num_processes", type=count, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--num_processes", type=count, default=None,
+                        help="processes sharing the inputs (without --coordinator_address: "
+                             "independent ones, e.g. several per host)")
+    parser.add_argument("--process_id", type=int, default=None, help="this process's index")
     return parser
 
 

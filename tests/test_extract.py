@@ -267,11 +267,15 @@ def test_strict_and_bad_arguments(checkpoint, audio_folder, tmp_path):
     assert result.stderr.splitlines()[-1].startswith(f"error: {audio_folder / 'cut.wav'} is "
                                                      "truncated")
     for args, message in (((tmp_path / "missing",), "no such file"),
-                          ((audio_folder / "a.wav",), "expected a folder")):
+                          ((audio_folder / "a.wav",), "expected a folder"),
+                          ((audio_folder, "--process_id", "1"), "go together"),
+                          ((audio_folder, "--num_processes", "2", "--process_id", "2"),
+                           "--process_id 2 is not in 0..1")):
         result = run_extract("--model_path", checkpoint, "--input", *args, "--output_dir",
                              tmp_path / "x", check=False)
         assert result.returncode == 2 and message in result.stderr
         assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 @pytest.mark.parametrize("format", ["arrayrecord", "npy"])
@@ -319,20 +323,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_equal_one(checkpoint, audio_folder, tmp_path):
-    """Two processes under jax.distributed (loopback coordinator) write the same records as
-    one, sampling included (noise is keyed by clip id, not by position or process)."""
+@pytest.mark.parametrize("coordinated", [True, False])
+def test_two_processes_equal_one(checkpoint, audio_folder, tmp_path, coordinated):
+    """Two processes, under jax.distributed (loopback coordinator) or independent (as several
+    on one host, each over some of its chips), write the same records as one, sampling
+    included (noise is keyed by clip id, not by position or process)."""
     single = tmp_path / "single"
     run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", single,
                 "--sample", "--seed", "4", "--buckets", "32,64")
-    port = _free_port()
+    coordinator = ["--coordinator_address", f"127.0.0.1:{_free_port()}"] if coordinated else []
     out = tmp_path / "two"
     processes = [subprocess.Popen(
         [sys.executable, "-m", "losatok_jax.extract", "--model_path", str(checkpoint), "--input",
          str(audio_folder), "--output_dir", str(out), "--sample", "--seed", "4", "--buckets",
-         "32,64", "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2",
-         "--process_id", str(i)], env=_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True) for i in range(2)]
+         "32,64", *coordinator, "--num_processes", "2", "--process_id", str(i)], env=_env(),
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(2)]
     outputs = [p.communicate(timeout=300) for p in processes]
     for p, (stdout, stderr) in zip(processes, outputs):
         assert p.returncode == 0, stderr[-2000:]
