@@ -16,8 +16,9 @@
 3. The main process alone: `extract` with the model taken out entirely (each stage's inputs placed
    on the devices, zeros of its output's shapes back) over decoded audio held in memory, in a
    process whose CPU is split into 8 devices like a v5e-8 host's chips, `--alone_clips` clips,
-   `--trials` times. Other work on the machine only slows a run, so the best run is the process's
-   ceiling.
+   `--trials` times; then two such processes side by side (`extract --num_processes 2
+   --process_id I`, independent), each over half the clips and 4 of the devices. Other work on the
+   machine only slows a run, so the best run is the ceiling.
 4. The host's ceiling: decoding spread over every core, and the main process alone; against the
    chips' projected speed from a `plan` results file (`--plan`, default the v5e-8 one).
 """
@@ -197,7 +198,7 @@ def _extract_patched(patches, checkpoint_dir: Path, audio: Path, out: Path, *opt
 
 
 def extract_without_model(checkpoint_dir: Path, audio: Path, out: Path,
-                          decoded: dict[str, object]) -> float:
+                          decoded: dict[str, object], *options: str) -> float:
     """Seconds from `extract`'s first clip to its last with the model taken out and each clip's
     decoded audio (`decoded`, by file name) handed over from memory: the main process alone."""
     timer = _Timer()
@@ -210,26 +211,29 @@ def extract_without_model(checkpoint_dir: Path, audio: Path, out: Path,
                       (extract, "_prefetched", timer.wrap_iterator("waiting for decoded audio",
                                                                    from_memory)),
                       (_shards, "merge", timer.mark_end(_shards.merge))],
-                     checkpoint_dir, audio, out)
+                     checkpoint_dir, audio, out, *options)
     return timer.end - timer.start
 
 
 def main_process_alone(checkpoint_dir: Path, corpus: list[Path], work: Path, clips: int,
-                       trials: int) -> dict:
+                       trials: int, processes: int = 1, process_id: int = 0) -> dict:
     """`extract_without_model` over `clips` names for the corpus' files (links, each its own
-    clip), `trials` times after a first run that works out the stages' shapes. Run in a process
+    clip), `trials` times after a first run that works out the stages' shapes; as process
+    `process_id` of `processes` independent ones, over its share of the clips. Run in a process
     whose CPU shows `HOST_DEVICES` devices, batches are placed and cut as a v5e-8 host's are."""
     folder = work / f"{clips}-clips"
     folder.mkdir()
-    for i in range(clips):
-        (folder / f"clip{i:05d}{corpus[0].suffix}").symlink_to(corpus[i % len(corpus)])
+    names = [f"clip{i:05d}{corpus[0].suffix}" for i in range(clips)]
+    for i, name in enumerate(names):
+        (folder / name).symlink_to(corpus[i % len(corpus)])
     samples = {path.name: read_audio(path, 16000) for path in corpus}
-    decoded = {f"clip{i:05d}{corpus[0].suffix}": samples[corpus[i % len(corpus)].name]
-               for i in range(clips)}
-    seconds = sum(len(audio.samples) for audio in decoded.values()) / 16000
-    extract_without_model(checkpoint_dir, folder, work / "out-warm-up", decoded)
+    decoded = {name: samples[corpus[i % len(corpus)].name] for i, name in enumerate(names)}
+    share = names[process_id::processes]  # extract's share of the sorted inputs
+    seconds = sum(len(decoded[name].samples) for name in share) / 16000
+    options = ("--num_processes", str(processes), "--process_id", str(process_id))
+    extract_without_model(checkpoint_dir, folder, work / "out-warm-up", decoded, *options)
     rates = [seconds / extract_without_model(checkpoint_dir, folder, work / f"out-{trial}",
-                                             decoded)
+                                             decoded, *options)
              for trial in range(trials)]
     return {"devices": jax.local_device_count(), "clips": clips, "trials": trials,
             "audio_seconds_per_second": rates,
@@ -264,18 +268,35 @@ def extract_split(checkpoint_dir: Path, audio: Path, out: Path, workers: int) ->
 
 
 def _main_process_alone_in_child(checkpoint_dir: Path, corpus: list[Path], work: Path,
-                                 clips: int, trials: int) -> dict:
-    """`main_process_alone` in a fresh process whose CPU is split into `HOST_DEVICES`, once
-    what the earlier measurements wrote is on disk (its write-back would slow this one)."""
+                                 clips: int, trials: int, processes: int = 1) -> dict:
+    """`main_process_alone` in `processes` fresh processes side by side, each over its share
+    of the clips and of the `HOST_DEVICES` devices the CPU is split into (as several `extract`
+    processes on one host would each take some of its chips), once what the earlier
+    measurements wrote is on disk (its write-back would slow this one). Their rates are added
+    trial by trial: the processes run the same trials side by side."""
     os.sync()
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": (
         f"{os.environ.get('XLA_FLAGS', '')} "
-        f"--xla_force_host_platform_device_count={HOST_DEVICES}").strip()}
-    child = subprocess.run(
-        [sys.executable, "-m", "benchmarks.host_pipeline", "--main_process_alone",
-         str(checkpoint_dir), str(work), "--clips", str(clips), "--trials", str(trials),
-         "--corpus", *map(str, corpus)], env=env, capture_output=True, text=True, check=True)
-    return json.loads(child.stdout.strip().splitlines()[-1])
+        f"--xla_force_host_platform_device_count={HOST_DEVICES // processes}").strip()}
+    children = []
+    for process in range(processes):
+        (work / str(process)).mkdir()
+        children.append(subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.host_pipeline", "--main_process_alone",
+             str(checkpoint_dir), str(work / str(process)), "--clips", str(clips), "--trials",
+             str(trials), "--processes", str(processes), "--process_id", str(process),
+             "--corpus", *map(str, corpus)], env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True))
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate()
+        assert child.returncode == 0, stderr[-2000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    rates = [sum(trial) for trial in zip(*(r["audio_seconds_per_second"] for r in results))]
+    return {"processes": processes, "devices_per_process": results[0]["devices"],
+            "clips": clips, "trials": trials, "audio_seconds_per_second": rates,
+            "median_audio_seconds_per_second": statistics.median(rates),
+            "best_audio_seconds_per_second": max(rates)}
 
 
 def main(argv=None):
@@ -291,11 +312,14 @@ def main(argv=None):
     parser.add_argument("--main_process_alone", nargs=2, metavar=("CHECKPOINT", "WORK"),
                         help=argparse.SUPPRESS)  # the child process of that measurement
     parser.add_argument("--corpus", nargs="*", help=argparse.SUPPRESS)
+    parser.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--process_id", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.main_process_alone:
         checkpoint_dir, work = map(Path, args.main_process_alone)
         print(json.dumps(main_process_alone(checkpoint_dir, [Path(p) for p in args.corpus],
-                                            work, args.clips, args.trials)))
+                                            work, args.clips, args.trials, args.processes,
+                                            args.process_id)))
         return
     cores = len(os.sched_getaffinity(0))
     results = {"host_cores": cores, "clip_seconds": args.seconds, "clips": args.clips,
@@ -309,17 +333,22 @@ def main(argv=None):
             corpora[name] = write_corpus(work / name.split()[0] / name.replace(" ", "_"), name,
                                          args.clips, args.seconds)
             if name == "wav 16 kHz mono":  # first, on a machine that nothing else has busied
-                (work / "alone").mkdir()
-                alone = _main_process_alone_in_child(work / "ckpt", corpora[name],
-                                                     work / "alone", args.alone_clips,
-                                                     args.trials)
-                print(f"main process alone: {alone['best_audio_seconds_per_second']:,.0f} "
-                      f"audio-s/s at best, {alone['median_audio_seconds_per_second']:,.0f} "
-                      f"median ({args.trials} runs of {args.alone_clips} clips)", flush=True)
+                alone = {}
+                for processes in (1, 2):
+                    (work / f"alone-{processes}").mkdir()
+                    alone[processes] = _main_process_alone_in_child(
+                        work / "ckpt", corpora[name], work / f"alone-{processes}",
+                        args.alone_clips, args.trials, processes)
+                    print(f"main process alone, {processes} process(es): "
+                          f"{alone[processes]['best_audio_seconds_per_second']:,.0f} "
+                          f"audio-s/s at best, "
+                          f"{alone[processes]['median_audio_seconds_per_second']:,.0f} median "
+                          f"({args.trials} runs of {args.alone_clips} clips)", flush=True)
             rate = decode_rate(corpora[name])
             results["decode_audio_seconds_per_second_per_core"][name] = rate
             print(f"decode {name}: {rate:,.0f} audio-s/s per core", flush=True)
-        results["main_process_alone"] = alone
+        results["main_process_alone"] = alone[1]
+        results["two_main_processes_alone"] = alone[2]
         results["extract_tiny_model"] = {}
         for name in ("wav 16 kHz mono", "mp3 44.1 kHz stereo"):
             folder = corpora[name][0].parent
@@ -334,7 +363,9 @@ def main(argv=None):
                   flush=True)
     # Other work on a shared machine only slows a run down: the best run is the host's ceiling.
     results["main_process_ceiling_audio_seconds_per_second"] = \
-        alone["best_audio_seconds_per_second"]
+        alone[1]["best_audio_seconds_per_second"]
+    results["two_main_processes_ceiling_audio_seconds_per_second"] = \
+        alone[2]["best_audio_seconds_per_second"]
     if Path(args.plan).exists():
         report = json.loads(Path(args.plan).read_text())
         realtime = min(row["realtime_per_chip"] for row in report["programs"]
