@@ -280,18 +280,19 @@ def _main_process_alone_in_child(checkpoint_dir: Path, corpus: list[Path], work:
         f"--xla_force_host_platform_device_count={HOST_DEVICES // processes}").strip()}
     children = []
     for process in range(processes):
-        (work / str(process)).mkdir()
-        children.append(subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.host_pipeline", "--main_process_alone",
-             str(checkpoint_dir), str(work / str(process)), "--clips", str(clips), "--trials",
-             str(trials), "--processes", str(processes), "--process_id", str(process),
-             "--corpus", *map(str, corpus)], env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True))
+        folder = work / str(process)
+        folder.mkdir()
+        # Output to files: a full pipe would stall one child while another is read.
+        with open(folder / "stdout", "w") as stdout, open(folder / "stderr", "w") as stderr:
+            children.append((folder, subprocess.Popen(
+                [sys.executable, "-m", "benchmarks.host_pipeline", "--main_process_alone",
+                 str(checkpoint_dir), str(folder), "--clips", str(clips), "--trials",
+                 str(trials), "--processes", str(processes), "--process_id", str(process),
+                 "--corpus", *map(str, corpus)], env=env, stdout=stdout, stderr=stderr)))
     results = []
-    for child in children:
-        stdout, stderr = child.communicate()
-        assert child.returncode == 0, stderr[-2000:]
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    for folder, child in children:
+        assert child.wait() == 0, (folder / "stderr").read_text()[-2000:]
+        results.append(json.loads((folder / "stdout").read_text().strip().splitlines()[-1]))
     rates = [sum(trial) for trial in zip(*(r["audio_seconds_per_second"] for r in results))]
     return {"processes": processes, "devices_per_process": results[0]["devices"],
             "clips": clips, "trials": trials, "audio_seconds_per_second": rates,
