@@ -323,14 +323,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def sampled_by_one_process(checkpoint, audio_folder, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sampled") / "single"
+    run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", out,
+                "--sample", "--seed", "4", "--buckets", "32,64")
+    return out
+
+
 @pytest.mark.parametrize("coordinated", [True, False])
-def test_two_processes_equal_one(checkpoint, audio_folder, tmp_path, coordinated):
+def test_two_processes_equal_one(checkpoint, audio_folder, tmp_path, coordinated,
+                                 sampled_by_one_process):
     """Two processes, under jax.distributed (loopback coordinator) or independent (as several
     on one host, each over some of its chips), write the same records as one, sampling
     included (noise is keyed by clip id, not by position or process)."""
-    single = tmp_path / "single"
-    run_extract("--model_path", checkpoint, "--input", audio_folder, "--output_dir", single,
-                "--sample", "--seed", "4", "--buckets", "32,64")
     coordinator = ["--coordinator_address", f"127.0.0.1:{_free_port()}"] if coordinated else []
     out = tmp_path / "two"
     processes = [subprocess.Popen(
@@ -344,7 +350,7 @@ def test_two_processes_equal_one(checkpoint, audio_folder, tmp_path, coordinated
         assert p.returncode == 0, stderr[-2000:]
     assert {p.name for p in out.glob("latents-*.array_record")} >= {
         "latents-00000-00000.array_record", "latents-00001-00000.array_record"}
-    one, two = read_records(single), read_records(out)
+    one, two = read_records(sampled_by_one_process), read_records(out)
     assert sorted(one) == sorted(two) == sorted(GOOD)
     for clip_id in GOOD:
         np.testing.assert_allclose(two[clip_id]["z"], one[clip_id]["z"], rtol=0, atol=1e-5)
