@@ -199,20 +199,25 @@ def _extract_patched(patches, checkpoint_dir: Path, audio: Path, out: Path, *opt
 
 def extract_without_model(checkpoint_dir: Path, audio: Path, out: Path,
                           decoded: dict[str, object], *options: str) -> float:
-    """Seconds from `extract`'s first clip to its last with the model taken out and each clip's
-    decoded audio (`decoded`, by file name) handed over from memory: the main process alone."""
+    """Audio-seconds per second from `extract`'s first clip to its last with the model taken out
+    and each clip's decoded audio (`decoded`, by file name) handed over from memory: the main
+    process alone, over the clips this process took (its share, with `--num_processes`)."""
     timer = _Timer()
+    samples = 0
 
     def from_memory(entries, workers, *load_args):
+        nonlocal samples
         for entry in entries:
-            yield entry, decoded[os.path.basename(entry.path)], None
+            clip = decoded[os.path.basename(entry.path)]
+            samples += len(clip.samples)
+            yield entry, clip, None
 
     _extract_patched([(runners, "MeshRunner", _MeshRunnerWithoutModel),
                       (extract, "_prefetched", timer.wrap_iterator("waiting for decoded audio",
                                                                    from_memory)),
                       (_shards, "merge", timer.mark_end(_shards.merge))],
                      checkpoint_dir, audio, out, *options)
-    return timer.end - timer.start
+    return samples / 16000 / (timer.end - timer.start)
 
 
 def main_process_alone(checkpoint_dir: Path, corpus: list[Path], work: Path, clips: int,
@@ -228,12 +233,10 @@ def main_process_alone(checkpoint_dir: Path, corpus: list[Path], work: Path, cli
         (folder / name).symlink_to(corpus[i % len(corpus)])
     samples = {path.name: read_audio(path, 16000) for path in corpus}
     decoded = {name: samples[corpus[i % len(corpus)].name] for i, name in enumerate(names)}
-    share = names[process_id::processes]  # extract's share of the sorted inputs
-    seconds = sum(len(decoded[name].samples) for name in share) / 16000
     options = ("--num_processes", str(processes), "--process_id", str(process_id))
     extract_without_model(checkpoint_dir, folder, work / "out-warm-up", decoded, *options)
-    rates = [seconds / extract_without_model(checkpoint_dir, folder, work / f"out-{trial}",
-                                             decoded, *options)
+    rates = [extract_without_model(checkpoint_dir, folder, work / f"out-{trial}", decoded,
+                                   *options)
              for trial in range(trials)]
     return {"devices": jax.local_device_count(), "clips": clips, "trials": trials,
             "audio_seconds_per_second": rates,
