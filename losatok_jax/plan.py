@@ -20,7 +20,8 @@ operation and bucket, per chip:
   stack's weights with the same per-chip shapes: one layer's cost plus (depth − 1) times what
   the second adds (the compiler's cost grows by the same amount with every layer, so this is
   a fully unrolled stack's estimate, which takes minutes per bucket to compile);
-- compile time (programs compile on `--workers` threads, which share the cores).
+- compile time (programs compile on `--workers` threads, which share the cores; as a
+  command, under jemalloc where the system has it: `_allocator`).
 With `--hours H` it projects chip-hours and wall time for the slice (clips of a semantic chunk
 or longer, and the slowest bucket's worst case); with `--input DIR` (a folder or manifest), for
 that corpus, each clip's windows at their own buckets. `--batch_plan FILE` also finds the
@@ -47,7 +48,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from losatok_jax import _batching, _cli, _model_source, _programs
+from losatok_jax import _allocator, _batching, _cli, _model_source, _programs
 from losatok_jax._batching import extraction_buckets
 from losatok_jax.config import RELEASED_CONFIG, SAMPLE_RATE
 from losatok_jax.errors import LosatokError, require
@@ -304,7 +305,8 @@ def plan(config, target: Target, *, dtype: str = "bfloat16", batch_size: int = 8
             "hosts": len({d.process_index for d in devices}), "chip": devices[0].device_kind,
             "hbm_bytes_per_chip_capacity": target.hbm_bytes,
             "bf16_flops_per_chip": target.bf16_flops, "dtype": dtype,
-            "param_bytes_per_chip": param_bytes, "programs": rows}
+            "param_bytes_per_chip": param_bytes, "allocator": _allocator.in_use(),
+            "programs": rows}
 
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype", "stack", "count"))
@@ -503,7 +505,8 @@ def projection(report: dict, hours: float | None = None,
 def table(report: dict) -> str:
     lines = [f"{report['target']}: {report['chips']} chips ({report['chip']}) on "
              f"{report['hosts']} host(s), {report['dtype']}, parameters "
-             f"{report['param_bytes_per_chip'] / 1e9:.2f} GB per chip",
+             f"{report['param_bytes_per_chip'] / 1e9:.2f} GB per chip, compiled with the "
+             f"{report['allocator']} allocator",
              "| operation | tokens | batch/chip | HBM/chip (GB) | GFLOP/audio-s (x analytic) "
              "| collectives "
              "| x realtime/chip | of bf16 peak | compile (s) |",
@@ -655,5 +658,12 @@ def main(argv: list[str] | None = None) -> int:
     return _cli.run_main(_parser(), _run, argv)
 
 
+def run_as_program() -> int:
+    """The console script and `python -m`: `main` under jemalloc where the system has it (its
+    compiles run faster there; `_allocator`)."""
+    _allocator.rerun_with_jemalloc()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_as_program())

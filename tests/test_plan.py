@@ -19,7 +19,7 @@ def _report() -> dict:
                 "flops_per_audio_second": 3.2e10, "compiled_over_analytic_flops": 0.98,
                 "collectives": {}, "compile_seconds": 1.0}
     return {"target": "v5e:2x2", "chips": 4, "hosts": 1, "chip": "TPU v5 lite",
-            "dtype": "bfloat16", "param_bytes_per_chip": 1.6e9,
+            "dtype": "bfloat16", "param_bytes_per_chip": 1.6e9, "allocator": "jemalloc",
             "programs": [row(50, 1000.0), row(252, 2000.0)]}
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from losatok_jax import _allocator
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = REPO_ROOT / "tests" / "data" / "golden" / "tiny_chunk40" / "config.yml"
 COMPILER_ENV = "LOSATOK_TPU_COMPILER"
@@ -38,6 +40,15 @@ def _compiler_path() -> str | None:
 
 
 COMPILER = _compiler_path()
+
+
+def _child_environment(**extra: str) -> dict:
+    """For a child process that loads libtpu: a CPU-only JAX that finds the compiler, under
+    jemalloc where the system has it (as the planner's command runs; its compiles are faster)."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **extra,
+           "PYTHONPATH": os.pathsep.join(filter(None, [COMPILER, str(REPO_ROOT)]))}
+    env.pop("XLA_FLAGS", None)
+    return _allocator.with_jemalloc(env) or env
 pytestmark = pytest.mark.skipif(
     COMPILER is None, reason="the TPU compiler is not installed: pip install \"jax[tpu]\" at "
     f"the installed jax's version (or into a folder named by ${COMPILER_ENV}), as .ci/run does")
@@ -105,10 +116,7 @@ SCRIPT = textwrap.dedent(r"""
 def test_tiny_model_compiles_for_a_two_host_v5e_slice():
     """In float32, the default (the planner's test below compiles bfloat16)."""
     dtype = "float32"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "TPU_ACCELERATOR_TYPE": "v5litepod-8",
-           "TPU_WORKER_HOSTNAMES": "localhost",
-           "PYTHONPATH": os.pathsep.join(filter(None, [COMPILER, str(REPO_ROOT)]))}
-    env.pop("XLA_FLAGS", None)
+    env = _child_environment(TPU_ACCELERATOR_TYPE="v5litepod-8", TPU_WORKER_HOSTNAMES="localhost")
     result = subprocess.run([sys.executable, "-c", SCRIPT, str(TINY_CONFIG), dtype],
                             capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -217,11 +225,9 @@ def test_the_plan_matches_an_independent_compile():
     """The plan's per-chip FLOPs (scans corrected for their other layers) equal each stage
     compiled on its own for one chip, with the stacks unrolled (within 2%), and so does its
     memory (within 5%; the stacks' scans, which hold one layer at a time, aside)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [COMPILER, str(REPO_ROOT)]))}
-    env.pop("XLA_FLAGS", None)
     result = subprocess.run([sys.executable, "-c", PLAN_SCRIPT, str(TINY_CONFIG)],
-                            capture_output=True, text=True, env=env, timeout=900)
+                            capture_output=True, text=True, env=_child_environment(),
+                            timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     [line] = [x for x in result.stdout.splitlines() if x.startswith("CHECK ")]
     found = json.loads(line[len("CHECK "):])
@@ -233,9 +239,7 @@ def test_the_plan_matches_an_independent_compile():
 
 
 def _plan(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join(filter(None, [COMPILER, str(REPO_ROOT)]))}
-    env.pop("XLA_FLAGS", None)
+    env = _child_environment()
     return subprocess.run([sys.executable, "-m", "losatok_jax.plan", "--target", "v5e-8",
                            "--config_path", str(TINY_CONFIG), "--dtype", "bfloat16", *args],
                           capture_output=True, text=True, env=env, timeout=900)
