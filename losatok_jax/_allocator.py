@@ -48,3 +48,13 @@ def in_use() -> str:
     except OSError:
         return "system"
     return next((name for name in ALLOCATORS if f"lib{name}" in maps), "system")
+
+
+def suggestion() -> str | None:
+    """What to install, where this process runs under the C library's allocator although the
+    user did not ask for it; else None."""
+    if (not sys.platform.startswith("linux") or os.environ.get(OPT_OUT) == "system"
+            or in_use() != "system"):
+        return None
+    return ("the TPU compiler runs about a quarter faster under jemalloc, which this command "
+            "uses where installed (Debian, Ubuntu: apt-get install libjemalloc2)")

@@ -44,6 +44,7 @@ import os
 import re
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -51,7 +52,7 @@ import jax.numpy as jnp
 from losatok_jax import _allocator, _batching, _cli, _model_source, _programs
 from losatok_jax._batching import extraction_buckets
 from losatok_jax.config import RELEASED_CONFIG, SAMPLE_RATE
-from losatok_jax.errors import LosatokError, require
+from losatok_jax.errors import LosatokError, Note, require
 from losatok_jax.model import COMPUTE_DTYPES
 
 
@@ -618,6 +619,8 @@ def _run(args: argparse.Namespace) -> None:
     else:
         config = load_config(args.config_path or RELEASED_CONFIG)
     require("libtpu", "tpu", "compiling for TPUs")
+    if (advice := _allocator.suggestion()) is not None:
+        warnings.warn(advice, Note)
     line = _cli.StatusLine()
     report = plan(config, target, dtype=args.dtype, batch_size=args.batch_size,
                   num_tokens=args.buckets, operations=operations, workers=args.workers,

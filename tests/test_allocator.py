@@ -64,6 +64,18 @@ def test_the_planners_command_and_only_it_starts_again(monkeypatch):
     assert plan.run_as_program() == 0 and calls == ["rerun", "main"]
 
 
+def test_a_user_under_the_c_librarys_allocator_hears_of_jemalloc(monkeypatch):
+    monkeypatch.setattr(_allocator.sys, "platform", "linux")
+    monkeypatch.delenv(_allocator.OPT_OUT, raising=False)
+    monkeypatch.setattr(_allocator, "in_use", lambda: "system")
+    assert "apt-get install libjemalloc2" in _allocator.suggestion()
+    monkeypatch.setenv(_allocator.OPT_OUT, "system")  # asked for it: nothing to say
+    assert _allocator.suggestion() is None
+    monkeypatch.delenv(_allocator.OPT_OUT)
+    monkeypatch.setattr(_allocator, "in_use", lambda: "jemalloc")
+    assert _allocator.suggestion() is None
+
+
 CHILD = ("from losatok_jax import _allocator\n"
          "print(_allocator.in_use(), flush=True)\n"
          "_allocator.rerun_with_jemalloc()\n")
