@@ -19,11 +19,16 @@ OPT_OUT = "LOSATOK_ALLOCATOR"  # "system" keeps the C library's allocator
 ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 
+def _kept(environ) -> bool:
+    """Whether the C library's allocator stays, whatever is installed: off Linux (no
+    `LD_PRELOAD`), or where the user asked for it."""
+    return not sys.platform.startswith("linux") or environ.get(OPT_OUT) == "system"
+
+
 def with_jemalloc(environ) -> dict | None:
     """`environ` with jemalloc added to `LD_PRELOAD`, or None where it does not apply (above)."""
     preload = environ.get("LD_PRELOAD", "")
-    if (not sys.platform.startswith("linux") or environ.get(OPT_OUT) == "system"
-            or any(name in preload for name in ALLOCATORS)):
+    if _kept(environ) or any(name in preload for name in ALLOCATORS):
         return None
     library = ctypes.util.find_library("jemalloc")
     if library is None:
@@ -53,8 +58,7 @@ def in_use() -> str:
 def suggestion() -> str | None:
     """What to install, where this process runs under the C library's allocator although the
     user did not ask for it; else None."""
-    if (not sys.platform.startswith("linux") or os.environ.get(OPT_OUT) == "system"
-            or in_use() != "system"):
+    if _kept(os.environ) or in_use() != "system":
         return None
     return ("the TPU compiler runs about a quarter faster under jemalloc, which this command "
             "uses where installed (Debian, Ubuntu: apt-get install libjemalloc2)")
